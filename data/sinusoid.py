@@ -1,0 +1,46 @@
+"""The MAML paper's sinusoid regression tasks: y = A sin(x - phase), A ~ U[0.1, 5], phase ~ U[0, pi],
+x ~ U[-5, 5]. Sampled on device from a key (inside the jitted step)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from maml import Task
+
+AMPLITUDE = (0.1, 5.0)
+PHASE = (0.0, jnp.pi)
+X_RANGE = (-5.0, 5.0)
+
+
+def sample_functions(key: PRNGKeyArray, num_tasks: int) -> tuple[Float[Array, " B"], Float[Array, " B"]]:
+    """Amplitudes and phases of `num_tasks` sine functions; task i uses `fold_in(key, i)`.
+
+    Folding in the task index makes task i the same however a batch is split across devices.
+    """
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_tasks))
+    amp = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0), (), minval=AMPLITUDE[0], maxval=AMPLITUDE[1]))(keys)
+    phase = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1), (), minval=PHASE[0], maxval=PHASE[1]))(keys)
+    return amp, phase
+
+
+def sine(amp: Float[Array, ""], phase: Float[Array, ""], x: Float[Array, "N 1"]) -> Float[Array, "N 1"]:
+    return amp * jnp.sin(x - phase)
+
+
+def sample_tasks(
+    key: PRNGKeyArray, num_tasks: int, shots: int, queries: int
+) -> tuple[Task, Float[Array, " B"], Float[Array, " B"]]:
+    """A batch of tasks: `support [B, shots, 1]`, `query [B, queries, 1]`; also their amplitudes and phases."""
+    amp, phase = sample_functions(key, num_tasks)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, i), 2))(jnp.arange(num_tasks))
+    x = jax.vmap(lambda k: jax.random.uniform(k, (shots + queries, 1), minval=X_RANGE[0], maxval=X_RANGE[1]))(keys)
+    y = jax.vmap(sine)(amp, phase, x)
+    task = Task(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
+    return task, amp, phase
+
+
+def task_sampler(num_tasks: int, shots: int, queries: int):
+    """`key -> Task` batch sampler for `maml.with_task_sampler`."""
+    return lambda key: sample_tasks(key, num_tasks, shots, queries)[0]

@@ -1,0 +1,86 @@
+"""How a batch of tasks is mapped inside the compiled step: a value the caller picks.
+
+`Vmap` batches every task into one computation (best on accelerators and for small models); `Map` runs
+tasks one after another with `lax.map` (per-task gradients, constant memory in the batch size); on CPUs
+convolutions whose weights differ per task are slow when vmapped (they become grouped convolutions).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable, Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PyTree
+
+from .tasks import Task
+
+TaskLoss = Callable[[PyTree, Task], tuple[Float[Array, ""], PyTree]]
+
+
+def _mean(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda a: jnp.mean(a, axis=0), tree)
+
+
+class AbstractBatching(eqx.Module):
+    """Maps a per-task loss over a batch of tasks and returns the mean loss and its gradient."""
+
+    @abc.abstractmethod
+    def value_and_grad(
+        self, task_loss: TaskLoss, model: PyTree, tasks: Task
+    ) -> tuple[tuple[Float[Array, ""], PyTree], PyTree]:
+        """`task_loss(model, task) -> (loss, aux)`; return `((mean loss, per-task aux), mean gradient)`.
+
+        The gradient is taken with respect to the inexact-array leaves of `model`.
+        """
+
+
+class Vmap(AbstractBatching):
+    """Gradient of the mean of `vmap`ped task losses: one batched computation."""
+
+    def value_and_grad(self, task_loss, model, tasks):
+        def total(m):
+            losses, aux = jax.vmap(lambda t: task_loss(m, t))(tasks)
+            return jnp.mean(losses), aux
+
+        return eqx.filter_value_and_grad(total, has_aux=True)(model)
+
+
+class Map(AbstractBatching):
+    """`lax.map` over tasks of each task's value and gradient, then the mean.
+
+    `batch_size` tasks are vmapped together inside each map step (None: one at a time).
+    """
+
+    batch_size: Optional[int] = eqx.field(static=True, default=None)
+
+    def value_and_grad(self, task_loss, model, tasks):
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+
+        def one(t):
+            f = lambda p: task_loss(eqx.combine(p, static), t)
+            (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(params)
+            return loss, aux, grads
+
+        losses, aux, grads = jax.lax.map(one, tasks, batch_size=self.batch_size)
+        return (jnp.mean(losses), aux), _mean(grads)
+
+
+class Unroll(AbstractBatching):
+    """A Python loop over tasks inside the compiled step: each task's gradient is its own subgraph.
+
+    Compile time grows with the batch size; XLA sees independent per-task graphs it can schedule freely.
+    """
+
+    def value_and_grad(self, task_loss, model, tasks):
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+        n = tasks.support_x.shape[0]
+        outs = []
+        for i in range(n):
+            t = jax.tree.map(lambda a: a[i], tasks)
+            f = lambda p: task_loss(eqx.combine(p, static), t)
+            outs.append(jax.value_and_grad(f, has_aux=True)(params))
+        (losses, aux), grads = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+        return (jnp.mean(losses), aux), _mean(grads)
