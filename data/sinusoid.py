@@ -3,6 +3,7 @@ x ~ U[-5, 5]. Sampled on device from a key (inside the jitted step)."""
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
@@ -41,6 +42,12 @@ def sample_tasks(
     return task, amp, phase
 
 
-def task_sampler(num_tasks: int, shots: int, queries: int):
-    """`key -> Task` batch sampler for `maml.with_task_sampler`."""
-    return lambda key: sample_tasks(key, num_tasks, shots, queries)[0]
+class SinusoidTasks(eqx.Module):
+    """`key -> Task` sampler of `num_tasks` sinusoid tasks (for `maml.with_task_sampler` / `maml.fit`)."""
+
+    num_tasks: int = eqx.field(static=True)
+    shots: int = eqx.field(static=True)
+    queries: int = eqx.field(static=True)
+
+    def __call__(self, key: PRNGKeyArray) -> Task:
+        return sample_tasks(key, self.num_tasks, self.shots, self.queries)[0]

@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, PyTree
 
 from .tasks import Task
 
-TaskLoss = Callable[[PyTree, Task], tuple[Float[Array, ""], PyTree]]
+TaskLoss = Callable[[PyTree, Task], Float[Array, ""]]
 
 
 def _mean(tree: PyTree) -> PyTree:
@@ -30,8 +30,8 @@ class AbstractBatching(eqx.Module):
     @abc.abstractmethod
     def value_and_grad(
         self, task_loss: TaskLoss, model: PyTree, tasks: Task
-    ) -> tuple[tuple[Float[Array, ""], PyTree], PyTree]:
-        """`task_loss(model, task) -> (loss, aux)`; return `((mean loss, per-task aux), mean gradient)`.
+    ) -> tuple[Float[Array, ""], PyTree]:
+        """`task_loss(model, task) -> scalar`; return `(mean loss over tasks, its gradient)`.
 
         The gradient is taken with respect to the inexact-array leaves of `model`.
         """
@@ -41,11 +41,8 @@ class Vmap(AbstractBatching):
     """Gradient of the mean of `vmap`ped task losses: one batched computation."""
 
     def value_and_grad(self, task_loss, model, tasks):
-        def total(m):
-            losses, aux = jax.vmap(lambda t: task_loss(m, t))(tasks)
-            return jnp.mean(losses), aux
-
-        return eqx.filter_value_and_grad(total, has_aux=True)(model)
+        total = lambda m: jnp.mean(jax.vmap(lambda t: task_loss(m, t))(tasks))
+        return eqx.filter_value_and_grad(total)(model)
 
 
 class Map(AbstractBatching):
@@ -61,11 +58,10 @@ class Map(AbstractBatching):
 
         def one(t):
             f = lambda p: task_loss(eqx.combine(p, static), t)
-            (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(params)
-            return loss, aux, grads
+            return jax.value_and_grad(f)(params)
 
-        losses, aux, grads = jax.lax.map(one, tasks, batch_size=self.batch_size)
-        return (jnp.mean(losses), aux), _mean(grads)
+        losses, grads = jax.lax.map(one, tasks, batch_size=self.batch_size)
+        return jnp.mean(losses), _mean(grads)
 
 
 class Unroll(AbstractBatching):
@@ -81,6 +77,6 @@ class Unroll(AbstractBatching):
         for i in range(n):
             t = jax.tree.map(lambda a: a[i], tasks)
             f = lambda p: task_loss(eqx.combine(p, static), t)
-            outs.append(jax.value_and_grad(f, has_aux=True)(params))
-        (losses, aux), grads = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-        return (jnp.mean(losses), aux), _mean(grads)
+            outs.append(jax.value_and_grad(f)(params))
+        losses, grads = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+        return jnp.mean(losses), _mean(grads)

@@ -51,7 +51,7 @@ class InnerLoop(eqx.Module):
             p = jax.tree.map(lambda a, g: a - self.lr * g, p, grads)
             return p, loss
 
-        params, losses = jax.lax.scan(step, params, None, length=self.steps)
+        params, losses = jax.lax.scan(step, params, None, length=self.steps, unroll=True)
         return eqx.combine(params, frozen), jnp.asarray(losses)
 
     def with_steps(self, steps: int) -> "InnerLoop":

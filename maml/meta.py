@@ -48,13 +48,13 @@ def meta_value_and_grad(
     *,
     strategy: AbstractStrategy = SecondOrder(),
     batching: AbstractBatching = Vmap(),
-) -> tuple[tuple[Float[Array, ""], dict[str, Array]], PyTree]:
+) -> tuple[Float[Array, ""], PyTree]:
     """Mean meta-loss over a batch of tasks (leading axis B) and its gradient w.r.t. `model`'s arrays.
 
-    Returns `((loss, aux), grads)` where aux holds per-task diagnostics with leading axis B.
+    Returns `(loss, grads)`; `grads` has `model`'s structure (None where a leaf is not an inexact array).
     """
     check_batch(tasks)
-    task_loss = lambda m, t: meta_loss_and_aux(m, t, inner, strategy=strategy)
+    task_loss = lambda m, t: meta_loss(m, t, inner, strategy=strategy)
     return batching.value_and_grad(task_loss, model, tasks)
 
 
@@ -82,41 +82,46 @@ def make_train_step(
 ) -> Callable[[MetaTrainState, Task], tuple[MetaTrainState, dict[str, Array]]]:
     """One pure meta-training step `(state, tasks) -> (state, metrics)`; the caller jits it.
 
-    metrics: `meta_loss` (mean query loss after adaptation) and `support_loss` (mean before adaptation).
+    metrics: `meta_loss`, the mean query loss after adaptation. (Only that: on small models every extra
+    output measurably slows the step; `meta_loss_and_aux` gives support-loss diagnostics for evaluation.)
     """
 
     def step(state: MetaTrainState, tasks: Task):
-        (loss, aux), grads = meta_value_and_grad(
+        loss, grads = meta_value_and_grad(
             state.model, tasks, inner, strategy=strategy, batching=batching
         )
         params = eqx.filter(state.model, eqx.is_inexact_array)
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
         model = eqx.apply_updates(state.model, updates)
-        metrics = {"meta_loss": loss, "support_loss": jnp.mean(aux["support_loss"])}
-        return MetaTrainState(model, opt_state, state.step + 1, state.key), metrics
+        return MetaTrainState(model, opt_state, state.step + 1, state.key), {"meta_loss": loss}
 
     return step
 
 
+TaskSampler = Callable[[PRNGKeyArray], Task]
+SampledStep = Callable[[MetaTrainState, TaskSampler], tuple[MetaTrainState, dict[str, Array]]]
+
+
 def with_task_sampler(
     step: Callable[[MetaTrainState, Task], tuple[MetaTrainState, dict[str, Array]]],
-    sample_tasks: Callable[[PRNGKeyArray], Task],
-) -> Callable[[MetaTrainState], tuple[MetaTrainState, dict[str, Array]]]:
-    """Turn `step(state, tasks)` into `step(state)` that draws its tasks on device from `state.key`."""
+) -> SampledStep:
+    """Turn `step(state, tasks)` into `step(state, sampler)` drawing its tasks on device from `state.key`.
 
-    def sampled_step(state: MetaTrainState):
+    `sampler: key -> Task` is an argument (a pytree, e.g. an `eqx.Module` holding the dataset), not a
+    closure, so a dataset stays a device buffer instead of becoming a constant of the compiled program.
+    """
+
+    def sampled_step(state: MetaTrainState, sampler: TaskSampler):
         key, sub = jax.random.split(state.key)
-        return step(eqx.tree_at(lambda s: s.key, state, key), sample_tasks(sub))
+        return step(eqx.tree_at(lambda s: s.key, state, key), sampler(sub))
 
     return sampled_step
 
 
-def scan_steps(
-    step: Callable[[MetaTrainState], tuple[MetaTrainState, dict[str, Array]]], num_steps: int
-) -> Callable[[MetaTrainState], tuple[MetaTrainState, dict[str, Array]]]:
-    """`num_steps` applications of a sampling step in one `lax.scan`; metrics get a leading axis."""
+def scan_steps(step: SampledStep, num_steps: int) -> SampledStep:
+    """`num_steps` applications of a sampling step in one `lax.scan`; metrics get a leading step axis."""
 
-    def run(state: MetaTrainState):
-        return jax.lax.scan(lambda s, _: step(s), state, None, length=num_steps)
+    def run(state: MetaTrainState, sampler: TaskSampler):
+        return jax.lax.scan(lambda s, _: step(s, sampler), state, None, length=num_steps)
 
     return run

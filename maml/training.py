@@ -11,9 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .checkpoint import latest_checkpoint, save_checkpoint
-from .meta import MetaTrainState, scan_steps
-
-Step = Callable[[MetaTrainState], tuple[MetaTrainState, dict]]
+from .meta import MetaTrainState, SampledStep, TaskSampler, scan_steps
 
 
 def _chunk_end(step: int, num_steps: int, steps_per_call: int, checkpoint_every: Optional[int]) -> int:
@@ -26,7 +24,8 @@ def _chunk_end(step: int, num_steps: int, steps_per_call: int, checkpoint_every:
 
 def fit(
     state: MetaTrainState,
-    step: Step,
+    step: SampledStep,
+    sampler: TaskSampler,
     *,
     num_steps: int,
     steps_per_call: int = 1,
@@ -36,7 +35,9 @@ def fit(
     progress: bool = True,
     desc: str = "meta-train",
 ) -> MetaTrainState:
-    """Apply `step` (`state -> (state, metrics)`, tasks drawn from `state.key`) until `state.step == num_steps`.
+    """Apply `step(state, sampler) -> (state, metrics)` until `state.step == num_steps`.
+
+    `step` draws its tasks on device with `sampler` from `state.key` (see `maml.with_task_sampler`).
 
     Steps run `steps_per_call` at a time in one jitted `lax.scan`. With `checkpoint_dir`, training resumes
     from the newest checkpoint there, and checkpoints are written atomically every `checkpoint_every`
@@ -63,7 +64,7 @@ def fit(
             n = end - current
             if n not in chunks:
                 chunks[n] = eqx.filter_jit(scan_steps(step, n))
-            state, metrics = chunks[n](state)
+            state, metrics = chunks[n](state, sampler)
             metrics = jax.tree.map(np.asarray, metrics)
             current = end
             if "meta_loss" in metrics:

@@ -1,0 +1,137 @@
+"""N-way K-shot episodes drawn on device from a class-major image array, with 90-degree rotations as
+new classes (each character x 4 rotations is a class), as in the MAML paper's Omniglot setup.
+
+Pure JAX: a whole batch of tasks comes from one key inside the jitted step (task i from
+`fold_in(key, i)`), with the split on the device as `uint8 [C, D, 28, 28]`; no Python loop per task.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray, UInt8
+
+from maml import Task
+
+ROTATIONS = 4
+
+
+def check_episode_args(images_shape: tuple[int, ...], ways: int, shots: int, queries: int, rotate: bool) -> None:
+    """Raise a one-line ValueError unless `images [C, D, H, W]` can give `ways`-way `shots`+`queries` tasks."""
+    if len(images_shape) != 4:
+        raise ValueError(f"episodes: images has shape {images_shape}; expected [characters, images, height, width]")
+    chars, per_char = images_shape[:2]
+    for name, value, low in (("ways", ways, 1), ("shots", shots, 1), ("queries", queries, 0)):
+        if not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"episodes: {name}={value!r}; expected an integer >= {low}")
+    classes = chars * (ROTATIONS if rotate else 1)
+    if ways > classes:
+        how = f"{chars} characters x {ROTATIONS} rotations" if rotate else f"{chars} characters (no rotations)"
+        raise ValueError(f"episodes: ways={ways} is more than the split's {classes} classes ({how})")
+    if shots + queries > per_char:
+        raise ValueError(
+            f"episodes: shots + queries = {shots} + {queries} = {shots + queries}; "
+            f"expected at most {per_char} images per character"
+        )
+
+
+def sample_episode(
+    key: PRNGKeyArray, images: UInt8[Array, "C D H W"], ways: int, shots: int, queries: int, rotate: bool = True
+) -> Task:
+    """One task: `support_x float32 [N*K, H, W, 1]` in [0, 1], `support_y int32 [N*K]` in [0, N), and the
+    query set likewise with `N*Q` examples. Examples are class-major (class j at rows j*K .. j*K+K-1).
+
+    Classes are drawn without replacement from characters x rotations; images of a class from its
+    character's D drawers without replacement, so support and query never share an image.
+    """
+    chars, per_char = images.shape[:2]
+    num_classes = chars * (ROTATIONS if rotate else 1)
+    # One uniform draw per task (each random call costs seconds of XLA compile time on CPU); the top-k of
+    # i.i.d. scores is a uniformly random subset in uniformly random order.
+    scores = jax.random.uniform(key, (num_classes + ways * per_char,))
+    classes = jax.lax.top_k(scores[:num_classes], ways)[1]
+    char, rot = classes % chars, classes // chars
+    drawers = jax.lax.top_k(scores[num_classes:].reshape(ways, per_char), shots + queries)[1]
+    x = images[char[:, None], drawers]  # [N, K+Q, H, W] uint8
+    if rotate:
+        rotated = jnp.stack([jnp.rot90(x, r, axes=(-2, -1)) for r in range(ROTATIONS)])  # [4, N, K+Q, H, W]
+        x = rotated[rot, jnp.arange(ways)]
+    x = (x.astype(jnp.float32) / 255.0)[..., None]
+    y = jnp.broadcast_to(jnp.arange(ways, dtype=jnp.int32)[:, None], (ways, shots + queries))
+    size = x.shape[2:]
+    return Task(
+        x[:, :shots].reshape(ways * shots, *size),
+        y[:, :shots].reshape(ways * shots),
+        x[:, shots:].reshape(ways * queries, *size),
+        y[:, shots:].reshape(ways * queries),
+    )
+
+
+def sample_episodes(
+    key: PRNGKeyArray,
+    images: UInt8[Array, "C D H W"],
+    ways: int,
+    shots: int,
+    queries: int,
+    num_tasks: int,
+    rotate: bool = True,
+) -> Task:
+    """A batch of `num_tasks` episodes (leading task axis B); task i is `sample_episode(fold_in(key, i))`.
+
+    `support_x float32 [B, N*K, H, W, 1]`, `support_y int32 [B, N*K]`, `query_x [B, N*Q, H, W, 1]`,
+    `query_y int32 [B, N*Q]`.
+    """
+    check_episode_args(tuple(images.shape), ways, shots, queries, rotate)
+    if not isinstance(num_tasks, (int, np.integer)) or num_tasks < 1:
+        raise ValueError(f"episodes: num_tasks={num_tasks!r}; expected an integer >= 1")
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_tasks))
+    return jax.vmap(lambda k: sample_episode(k, images, ways, shots, queries, rotate))(keys)
+
+
+class EpisodeSampler(eqx.Module):
+    """`key -> Task` batch sampler over one split held on the device (for `maml.with_task_sampler`).
+
+    A module, so the images are a pytree leaf: pass the sampler into a jitted function as an argument
+    to keep the split out of the compiled program's constants.
+    """
+
+    images: UInt8[Array, "C D H W"]
+    ways: int = eqx.field(static=True)
+    shots: int = eqx.field(static=True)
+    queries: int = eqx.field(static=True)
+    num_tasks: int = eqx.field(static=True)
+    rotate: bool = eqx.field(static=True, default=True)
+
+    def __check_init__(self):
+        check_episode_args(tuple(self.images.shape), self.ways, self.shots, self.queries, self.rotate)
+        if not isinstance(self.num_tasks, (int, np.integer)) or self.num_tasks < 1:
+            raise ValueError(f"episodes: num_tasks={self.num_tasks!r}; expected an integer >= 1")
+
+    @property
+    def num_classes(self) -> int:
+        """Characters x rotations (or characters alone without rotations)."""
+        return self.images.shape[0] * (ROTATIONS if self.rotate else 1)
+
+    def __call__(self, key: PRNGKeyArray) -> Task:
+        return sample_episodes(key, self.images, self.ways, self.shots, self.queries, self.num_tasks, self.rotate)
+
+
+def episode_sampler(
+    images: UInt8[np.ndarray | Array, "C D H W"],
+    ways: int,
+    shots: int,
+    queries: int,
+    num_tasks: int,
+    *,
+    rotate: bool = True,
+) -> EpisodeSampler:
+    """Put `images` (class-major uint8, e.g. from `data.omniglot.split_by_alphabet`) on the default device
+    and return a `key -> Task` sampler of `num_tasks` `ways`-way `shots`-shot tasks with `queries` queries."""
+    return EpisodeSampler(jnp.asarray(images, dtype=jnp.uint8), ways, shots, queries, num_tasks, rotate)
+
+
+def as_images(x: Float[Array, "... H W 1"]) -> UInt8[Array, "... H W"]:
+    """Back to uint8 images (inverse of the sampler's scaling), e.g. to compare with the source split."""
+    return jnp.round(x[..., 0] * 255.0).astype(jnp.uint8)
