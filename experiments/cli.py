@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import typing
 from pathlib import Path
@@ -20,6 +21,7 @@ C = TypeVar("C")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage dump
+        message = re.sub(r"^argument (--[\w-]+)(/--[\w-]+)?: (?=\1)", "", message)
         raise ValueError(message.replace("unrecognized arguments", "unknown config field(s)"))
 
 
