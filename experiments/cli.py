@@ -111,9 +111,18 @@ def prepare_out(out: str, config: Any, ignore: Sequence[str] = ()) -> Path:
 
 
 def run(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> None:
-    """Call `main(argv)`; a ValueError becomes one line `error: ...` on stderr and exit status 2."""
+    """Call `main(argv)`; bad input (ValueError) becomes one line `error: ...` on stderr and exit status 2;
+    a divergence is one line and status 3; a SIGTERM / Ctrl-C after checkpointing, 128 + the signal."""
+    from maml.training import Diverged, Interrupted
+
     try:
         main(argv)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(128 + e.signum)

@@ -1,17 +1,41 @@
-"""The generic meta-training loop: run a jitted chunk of steps, report metrics, checkpoint, resume."""
+"""The generic meta-training loop: run a jitted chunk of steps, report metrics, checkpoint, resume.
+
+Reliability: checkpoints are atomic and verified (`maml.checkpoint`); SIGTERM and Ctrl-C finish the
+running chunk, write a checkpoint and raise `Interrupted`; a chunk that leaves non-finite parameters
+raises `Diverged` naming the step and quantity, and is never checkpointed. (To skip non-finite steps
+instead, wrap the outer optimiser in `optax.apply_if_finite`; its state counts the skipped steps.)
+"""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from .meta import MetaTrainState, SampledStep, TaskSampler, scan_steps
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal after checkpointing; run the same command again to resume."""
+
+    def __init__(self, signum: int, step: int, checkpointed: bool):
+        self.signum, self.step = signum, step
+        name = signal.Signals(signum).name
+        saved = "checkpoint written" if checkpointed else "no checkpoint folder"
+        super().__init__(f"interrupted by {name} at step {step} ({saved}); run the same command to resume")
+
+
+class Diverged(FloatingPointError):
+    """A non-finite meta-loss or meta-gradient made the parameters non-finite."""
 
 
 def _chunk_end(step: int, num_steps: int, steps_per_call: int, checkpoint_every: Optional[int]) -> int:
@@ -20,6 +44,47 @@ def _chunk_end(step: int, num_steps: int, steps_per_call: int, checkpoint_every:
     if checkpoint_every:
         end = min(end, (step // checkpoint_every + 1) * checkpoint_every)
     return end
+
+
+@contextlib.contextmanager
+def _deferred_signals() -> Iterator[dict]:
+    """Record SIGTERM / SIGINT instead of dying mid-chunk; a second Ctrl-C interrupts at once."""
+    caught: dict = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handler(signum, frame):
+        if signum == signal.SIGINT and caught.get("signum") == signal.SIGINT:
+            raise KeyboardInterrupt
+        caught["signum"] = signum
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield caught
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@eqx.filter_jit
+def _all_finite(tree) -> jax.Array:
+    leaves = jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves])) if leaves else jnp.array(True)
+
+
+def _check_finite(state: MetaTrainState, metrics: dict, start: int, end: int, last_good: Optional[int]) -> None:
+    """Raise `Diverged` if the chunk `start..end` left non-finite parameters (checked on device)."""
+    if bool(_all_finite(state.model)):
+        return
+    kept = f"the last good checkpoint (step {last_good}) is kept" if last_good is not None else "no checkpoint kept"
+    losses = np.asarray(metrics.get("meta_loss", np.zeros(0))).reshape(-1)
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+        at = start + int(bad[0]) + 1
+        raise Diverged(f"meta-training diverged: the meta-loss is {losses[bad[0]]} at step {at}; stopped, {kept}")
+    raise Diverged(f"meta-training diverged: a non-finite meta-gradient between steps {start + 1} and {end} "
+                   f"made the parameters non-finite; stopped, {kept}")
 
 
 def fit(
@@ -38,44 +103,58 @@ def fit(
     """Apply `step(state, sampler) -> (state, metrics)` until `state.step == num_steps`.
 
     `step` draws its tasks on device with `sampler` from `state.key` (see `maml.with_task_sampler`).
-
     Steps run `steps_per_call` at a time in one jitted `lax.scan`. With `checkpoint_dir`, training resumes
     from the newest checkpoint there, and checkpoints are written atomically every `checkpoint_every`
-    steps and at the end. Chunk boundaries depend only on the step number, so a resumed run performs
-    exactly the same computations as an uninterrupted one. `on_chunk(step, metrics)` gets each chunk's
-    metrics as NumPy arrays with a leading step axis.
+    steps, at the end, and when SIGTERM / Ctrl-C arrives (then `Interrupted` is raised). Chunk boundaries
+    depend only on the step number, so a resumed run performs exactly the same computations as an
+    uninterrupted one. `on_chunk(step, metrics)` gets each chunk's metrics as NumPy arrays with a leading
+    step axis. Non-finite parameters after a chunk raise `Diverged` (nothing is checkpointed).
     """
     for name, value in (("num_steps", num_steps), ("steps_per_call", steps_per_call)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"fit: {name}={value!r}; expected a positive integer")
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
         raise ValueError(f"fit: checkpoint_every={checkpoint_every!r}; expected a positive integer or None")
+    last_good = None
     if checkpoint_dir is not None:
         found = latest_checkpoint(checkpoint_dir, state)
         if found is not None:
-            state = found[1]
+            last_good, state = found
     chunks: dict[int, Callable] = {}
     current = int(state.step)
     bar = tqdm(total=num_steps, initial=current, desc=desc, disable=not progress, dynamic_ncols=True)
     running = None
-    try:
+
+    def checkpoint(s: MetaTrainState) -> Optional[int]:
+        at = int(s.step)
+        if checkpoint_dir is not None and at != last_good:
+            save_checkpoint(checkpoint_dir, at, s)
+            return at
+        return last_good
+
+    with _deferred_signals() as caught, contextlib.closing(bar):
         while current < num_steps:
             end = _chunk_end(current, num_steps, steps_per_call, checkpoint_every)
             n = end - current
             if n not in chunks:
                 chunks[n] = eqx.filter_jit(scan_steps(step, n))
-            state, metrics = chunks[n](state, sampler)
+            new_state, metrics = chunks[n](state, sampler)
             metrics = jax.tree.map(np.asarray, metrics)
-            current = end
+            _check_finite(new_state, metrics, current, end, last_good)
+            state, current = new_state, end
             if "meta_loss" in metrics:
                 loss = float(np.mean(metrics["meta_loss"]))
                 running = loss if running is None else 0.9 * running + 0.1 * loss
                 bar.set_postfix(loss=f"{running:.4f}")
             bar.update(n)
-            if checkpoint_dir is not None and (end == num_steps or (checkpoint_every and end % checkpoint_every == 0)):
-                save_checkpoint(checkpoint_dir, end, state)
+            if end == num_steps or (checkpoint_every and end % checkpoint_every == 0):
+                last_good = checkpoint(state)
             if on_chunk is not None:
                 on_chunk(end, metrics)
-    finally:
-        bar.close()
+            if caught.get("signum") is not None and current < num_steps:
+                last_good = checkpoint(state)
+                raise Interrupted(caught["signum"], current, checkpoint_dir is not None)
     return state
+
+
+__all__ = ["Diverged", "Interrupted", "fit", "list_checkpoints"]

@@ -79,3 +79,28 @@ def test_fit_rejects_bad_settings(kwargs, match):
     state, step, sampler = setup()
     with pytest.raises(ValueError, match=match):
         maml.fit(state, step, sampler, progress=False, **kwargs)
+
+
+def test_divergence_stops_with_step_and_quantity_and_keeps_last_good_checkpoint(tmp_path):
+    optimizer = optax.adam(1e-3)
+    # an inner loss that turns NaN once the step counter passes 50: inject through the sampler's data
+    inner = maml.InnerLoop(maml.losses.mse, 1, 0.01)
+    train_step = maml.make_train_step(optimizer, inner)
+
+    def poisoned(state, tasks):
+        bad = state.step >= 50
+        tasks = jax.tree.map(lambda a: jax.numpy.where(bad, jax.numpy.nan, a), tasks)
+        return train_step(state, tasks)
+
+    step = maml.with_task_sampler(poisoned)
+    state = maml.init_state(maml.MLP(1, 1, (8,), key=jax.random.PRNGKey(0)), optimizer, jax.random.PRNGKey(1))
+    with pytest.raises(maml.training.Diverged, match=r"the meta-loss is nan at step 51; stopped, the last good checkpoint \(step 40\) is kept"):
+        maml.fit(state, step, SinusoidTasks(2, 3, 3), num_steps=100, steps_per_call=20, checkpoint_every=20,
+                 checkpoint_dir=tmp_path, progress=False)
+    assert maml.checkpoint.list_checkpoints(tmp_path)[-1].name == "ckpt_000000040.eqx"
+    # skipping instead: optax.apply_if_finite keeps the parameters and counts the skipped steps
+    skipping = optax.apply_if_finite(optimizer, max_consecutive_errors=1000)
+    train_step = maml.make_train_step(skipping, inner)
+    state = maml.init_state(maml.MLP(1, 1, (8,), key=jax.random.PRNGKey(0)), skipping, jax.random.PRNGKey(1))
+    final = maml.fit(state, step, SinusoidTasks(2, 3, 3), num_steps=100, steps_per_call=20, progress=False)
+    assert int(final.opt_state.total_notfinite) == 50
