@@ -6,7 +6,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from maml import Task
 
@@ -15,12 +15,18 @@ PHASE = (0.0, jnp.pi)
 X_RANGE = (-5.0, 5.0)
 
 
-def sample_functions(key: PRNGKeyArray, num_tasks: int) -> tuple[Float[Array, " B"], Float[Array, " B"]]:
-    """Amplitudes and phases of `num_tasks` sine functions; task i uses `fold_in(key, i)`.
+def _indices(start: int | Int[Array, ""], num_tasks: int) -> Int[Array, " B"]:
+    return start + jnp.arange(num_tasks, dtype=jnp.int32)
+
+
+def sample_functions(
+    key: PRNGKeyArray, num_tasks: int, start: int | Int[Array, ""] = 0
+) -> tuple[Float[Array, " B"], Float[Array, " B"]]:
+    """Amplitudes and phases of tasks `start .. start+num_tasks-1`; task i uses `fold_in(key, i)`.
 
     Folding in the task index makes task i the same however a batch is split across devices.
     """
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_tasks))
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(_indices(start, num_tasks))
     amp = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0), (), minval=AMPLITUDE[0], maxval=AMPLITUDE[1]))(keys)
     phase = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1), (), minval=PHASE[0], maxval=PHASE[1]))(keys)
     return amp, phase
@@ -31,11 +37,14 @@ def sine(amp: Float[Array, ""], phase: Float[Array, ""], x: Float[Array, "N 1"])
 
 
 def sample_tasks(
-    key: PRNGKeyArray, num_tasks: int, shots: int, queries: int
+    key: PRNGKeyArray, num_tasks: int, shots: int, queries: int, start: int | Int[Array, ""] = 0
 ) -> tuple[Task, Float[Array, " B"], Float[Array, " B"]]:
-    """A batch of tasks: `support [B, shots, 1]`, `query [B, queries, 1]`; also their amplitudes and phases."""
-    amp, phase = sample_functions(key, num_tasks)
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, i), 2))(jnp.arange(num_tasks))
+    """A batch of tasks: `support [B, shots, 1]`, `query [B, queries, 1]`; also their amplitudes and phases.
+
+    The batch holds tasks `start .. start+B-1` (B = `num_tasks`), task i drawn from `fold_in(key, i)`.
+    """
+    amp, phase = sample_functions(key, num_tasks, start)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, i), 2))(_indices(start, num_tasks))
     x = jax.vmap(lambda k: jax.random.uniform(k, (shots + queries, 1), minval=X_RANGE[0], maxval=X_RANGE[1]))(keys)
     y = jax.vmap(sine)(amp, phase, x)
     task = Task(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
@@ -43,7 +52,11 @@ def sample_tasks(
 
 
 class SinusoidTasks(eqx.Module):
-    """`key -> Task` sampler of `num_tasks` sinusoid tasks (for `maml.with_task_sampler` / `maml.fit`)."""
+    """`key -> Task` sampler of `num_tasks` sinusoid tasks (for `maml.with_task_sampler` / `maml.fit`).
+
+    `sample_range` gives a slice of that batch, so the parallel steps of `maml.parallel` can split it
+    across devices (see the sampler protocol there).
+    """
 
     num_tasks: int = eqx.field(static=True)
     shots: int = eqx.field(static=True)
@@ -51,3 +64,7 @@ class SinusoidTasks(eqx.Module):
 
     def __call__(self, key: PRNGKeyArray) -> Task:
         return sample_tasks(key, self.num_tasks, self.shots, self.queries)[0]
+
+    def sample_range(self, key: PRNGKeyArray, start: int | Int[Array, ""], count: int) -> Task:
+        """Tasks `start .. start+count-1` of the batch `self(key)` draws: leading axis `count`."""
+        return sample_tasks(key, count, self.shots, self.queries, start)[0]
