@@ -26,7 +26,7 @@ import optax
 
 import maml
 from data.sinusoid import SinusoidTasks, X_RANGE, sample_tasks, sine
-from experiments import cli
+from experiments import algorithms, cli, runtime, tracking
 
 
 def _f(default, help):
@@ -34,7 +34,7 @@ def _f(default, help):
 
 
 @dataclass(frozen=True)
-class SinusoidConfig:
+class SinusoidConfig(tracking.Tracking, runtime.RuntimeConfig, algorithms.AlgorithmConfig):
     """MAML sinusoid regression (Finn et al. 2017); defaults are the paper's setup."""
 
     shots: int = _f(10, "K: support points per task")
@@ -65,47 +65,57 @@ class SinusoidConfig:
             raise ValueError(f"--inner-steps={self.inner_steps}; expected an integer >= 1")
         if not self.eval_steps or min(self.eval_steps) < 0:
             raise ValueError(f"--eval-steps={self.eval_steps}; expected non-negative step counts")
+        super().__post_init__()
 
 
 # Fields that may change between a run and its resumption (they do not change training).
-RESUMABLE = ("iterations", "progress", "out", "eval_tasks", "eval_points", "eval_steps", "baseline_iterations", "baseline_lr")
+RESUMABLE = ("iterations", "progress", "out", "eval_tasks", "eval_points", "eval_steps", "baseline_iterations", "baseline_lr") + tracking.FIELDS + runtime.RUNTIME_FIELDS
 
 
-def train(model, config: SinusoidConfig, inner: maml.InnerLoop, strategy, *, key, num_steps, checkpoint_dir, desc):
-    optimizer = optax.adam(config.outer_lr)
-    state = maml.init_state(model, optimizer, key)
-    step = maml.with_task_sampler(maml.make_train_step(optimizer, inner, strategy=strategy))
+def train(model, config: SinusoidConfig, inner: maml.InnerLoop, strategy, *, key, num_steps, checkpoint_dir, desc, on_chunk=None,
+          optimizer=None):
+    optimizer = optimizer or optax.adam(config.outer_lr)
+    state, checkpoint_dir = runtime.resume(maml.init_state(model, optimizer, key), checkpoint_dir)
+    step = runtime.train_step(config, optimizer, inner, strategy=strategy, meta_batch=config.meta_batch)
     sampler = SinusoidTasks(config.meta_batch, config.shots, config.queries or config.shots)
-    return maml.fit(state, step, sampler, num_steps=num_steps, steps_per_call=min(config.steps_per_call, num_steps),
-                    checkpoint_dir=checkpoint_dir, checkpoint_every=config.checkpoint_every,
-                    progress=config.progress, desc=desc).model
+    state = maml.fit(state, step, sampler, num_steps=num_steps, steps_per_call=min(config.steps_per_call, num_steps),
+                     checkpoint_dir=checkpoint_dir, checkpoint_every=config.checkpoint_every,
+                     progress=config.progress and runtime.is_writer(), desc=desc, on_chunk=on_chunk)
+    return maml.parallel.to_local(state.model)  # replicated over devices -> this process's own copy
 
 
 @eqx.filter_jit
-def query_mse_curve(model, tasks: maml.Task, inner: maml.InnerLoop, max_steps: int):
-    """Per task, query MSE after 0..max_steps inner steps: `[B, max_steps + 1]`."""
-    one_step = inner.with_steps(1)
-
-    def curve(task):
-        def body(m, _):
-            m = one_step.adapt(m, task.support_x, task.support_y)[0]
-            return m, inner.loss_fn(m, task.query_x, task.query_y)
-
-        _, after = jax.lax.scan(body, model, None, length=max_steps)
-        return jnp.concatenate([inner.loss_fn(model, task.query_x, task.query_y)[None], after])
-
+def query_mse_curve(model, tasks: maml.Task, inner: maml.InnerLoop, max_steps: int, strategy=maml.SecondOrder()):
+    """Per task, query MSE after 0..max_steps inner steps (adapting as `inner`/`strategy` do): `[B, max_steps + 1]`."""
+    curve = lambda task: maml.adaptation_curve(model, task, inner.with_steps(max_steps), strategy=strategy)
     return jax.vmap(curve)(tasks)
 
 
-def evaluate(model, lr, config: SinusoidConfig, tasks):
-    inner = maml.InnerLoop(maml.losses.mse, 1, lr)
-    curves = np.asarray(query_mse_curve(model, tasks, inner, max(config.eval_steps)))
+def evaluate(model, lr, config: SinusoidConfig, tasks, inner=None, strategy=maml.SecondOrder()):
+    inner = inner if inner is not None else maml.InnerLoop(maml.losses.mse, 1, lr)  # the algorithm's own (ANIL filter, learned rates...)
+    curves = np.asarray(query_mse_curve(model, tasks, inner, max(config.eval_steps), strategy))
     mean = curves.mean(axis=0)
     ci = 1.96 * curves.std(axis=0) / np.sqrt(curves.shape[0])
     return {str(s): float(mean[s]) for s in config.eval_steps}, {str(s): float(ci[s]) for s in config.eval_steps}
 
 
-def plot_fits(path: Path, models: dict, config: SinusoidConfig, key, num: int = 3):
+@eqx.filter_jit
+def fit_curves(model, tasks: maml.Task, inner: maml.InnerLoop, max_steps: int, grid):
+    """Per task, predictions on `grid [G, 1]` after 0..max_steps inner steps: `[B, max_steps + 1, G, 1]`."""
+    one_step = inner.with_steps(1)
+
+    def curves(task):
+        def body(m, _):
+            m = one_step.adapt(m, task.support_x, task.support_y)[0]
+            return m, maml.apply(m, grid)
+
+        _, after = jax.lax.scan(body, model, None, length=max_steps)
+        return jnp.concatenate([maml.apply(model, grid)[None], after])
+
+    return jax.vmap(curves)(tasks)
+
+
+def plot_fits(path: Path, models: dict, config: SinusoidConfig, key, num: int = 3, steps=(0, 1, 10)):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,15 +123,15 @@ def plot_fits(path: Path, models: dict, config: SinusoidConfig, key, num: int = 
 
     tasks, amp, phase = sample_tasks(key, num, config.shots, 1)
     grid = jnp.linspace(*X_RANGE, 200)[:, None]
+    preds = {name: np.asarray(fit_curves(model, tasks, maml.InnerLoop(maml.losses.mse, 1, lr), max(steps), grid))
+             for name, (model, lr) in models.items()}
     fig, axes = plt.subplots(1, num, figsize=(5 * num, 3.6), squeeze=False)
     for i, ax in enumerate(axes[0]):
         ax.plot(grid, sine(amp[i], phase[i], grid), "k-", lw=2, label="true")
         ax.plot(tasks.support_x[i], tasks.support_y[i], "k^", ms=8, label=f"{config.shots} support points")
-        for (name, (model, lr)), color in zip(models.items(), ("C0", "C1")):
-            for steps, style in ((0, ":"), (1, "--"), (10, "-")):
-                inner = maml.InnerLoop(maml.losses.mse, steps, lr)
-                adapted = inner.adapt(model, tasks.support_x[i], tasks.support_y[i])[0]
-                ax.plot(grid, jax.vmap(adapted)(grid), style, color=color, label=f"{name}, {steps} steps")
+        for name, color in zip(models, ("C0", "C1")):
+            for k, style in zip(steps, (":", "--", "-")):
+                ax.plot(grid, preds[name][i, k], style, color=color, label=f"{name}, {k} steps")
         ax.set_title(f"A={float(amp[i]):.2f}, phase={float(phase[i]):.2f}")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
@@ -130,28 +140,34 @@ def plot_fits(path: Path, models: dict, config: SinusoidConfig, key, num: int = 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    config = cli.parse(SinusoidConfig, argv)
-    out = cli.prepare_out(config.out, config, ignore=RESUMABLE)
+    config = tracking.prepare(cli.parse(SinusoidConfig, argv))
+    runtime.initialize(config)
+    writer = runtime.is_writer()  # only process 0 writes checkpoints, results and logs
+    out = cli.prepare_out(config.out, config, ignore=RESUMABLE) if writer else Path(config.out)
+    logger = tracking.start(config, out, job="sinusoid") if writer else None
     key = jax.random.PRNGKey(config.seed)
     init_key, train_key, base_key, eval_key, plot_key = jax.random.split(key, 5)
     model = maml.MLP(1, 1, config.hidden, key=init_key)
-    strategy = maml.FirstOrder() if config.first_order else maml.SecondOrder()
-    inner = maml.InnerLoop(maml.losses.mse, config.inner_steps, config.inner_lr)
+    algo = algorithms.build_algorithm(config, model, maml.losses.mse, inner_steps=config.inner_steps, inner_lr=config.inner_lr,
+                                      outer_lr=config.outer_lr, iterations=config.iterations, first_order=config.first_order)
+    inner, strategy = algo.inner, algo.strategy
 
     start = time.perf_counter()
-    meta_model = train(model, config, inner, strategy, key=train_key, num_steps=config.iterations,
-                       checkpoint_dir=out / "checkpoints", desc="meta-train")
+    meta_model = train(algo.model, config, inner, strategy, optimizer=algo.optimizer, key=train_key, num_steps=config.iterations,
+                       checkpoint_dir=out / "checkpoints", desc="meta-train",
+                       on_chunk=logger.on_chunk if writer else None)
     jax.block_until_ready(meta_model)
     train_seconds = time.perf_counter() - start
     # The paper's baseline: the same network regressing all tasks at once (no inner step in training).
-    baseline = train(model, config, inner.with_steps(0), strategy, key=base_key,
+    baseline = train(model, config, maml.InnerLoop(maml.losses.mse, 0, config.inner_lr), maml.SecondOrder(), key=base_key,
                      num_steps=config.baseline_iterations, checkpoint_dir=None, desc="baseline")
 
     tasks = sample_tasks(eval_key, config.eval_tasks, config.shots, config.eval_points)[0]
-    mse, mse_ci = evaluate(meta_model, config.inner_lr, config, tasks)
+    mse, mse_ci = evaluate(meta_model, config.inner_lr, config, tasks, inner, strategy)
     base_mse, base_ci = evaluate(baseline, config.baseline_lr, config, tasks)
-    plot_fits(out / "fits.png", {"MAML": (meta_model, config.inner_lr), "pretrained": (baseline, config.baseline_lr)},
-              config, plot_key)
+    if writer:
+        plot_fits(out / "fits.png", {"MAML": (meta_model, config.inner_lr), "pretrained": (baseline, config.baseline_lr)},
+                  config, plot_key)
     results = {
         "mse": mse,
         "mse_ci95": mse_ci,
@@ -163,8 +179,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "config": cli.to_json(config),
         "devices": [str(d) for d in jax.devices()],
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: results[k] for k in ("mse", "baseline_mse", "train_seconds", "params_sha256")}))
+    if writer:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        tracking.finish(logger, results, images=[out / "fits.png"])
+        print(json.dumps({k: results[k] for k in ("mse", "baseline_mse", "train_seconds", "params_sha256")}))
     return results
 
 

@@ -1,0 +1,141 @@
+"""Experiment tracking for every experiment: a config mixin (`--wandb ...` flags) and a few calls.
+
+Wiring an experiment (see experiments/sinusoid.py):
+
+    class MyConfig(tracking.Tracking): ...                       # the --wandb* flags
+    config = tracking.prepare(cli.parse(MyConfig, argv))         # checks them; per-trial OUT in sweeps
+    out = cli.prepare_out(config.out, config, ignore=RESUMABLE + tracking.FIELDS)
+    logger = tracking.start(config, out, job="my_experiment")    # config logged
+    maml.fit(..., on_chunk=logger.on_chunk)                      # training curve (train/meta_loss)
+    logger.log_scalars(step, {"val_accuracy": acc})              # anything else, e.g. validation
+    tracking.finish(logger, results, images=[out / "fits.png"])  # test metrics, plots, summary
+
+wandb mode: `--wandb online|offline|disabled`; by default WANDB_MODE when set, else online when an API
+key is configured (WANDB_API_KEY or a .netrc entry from `wandb login`) and offline otherwise, so nothing
+ever prompts. Offline runs are written to OUT/wandb (or --wandb-dir, or WANDB_DIR); upload them with
+`wandb sync OUT/wandb/offline-run-*`. Under a wandb sweep agent (WANDB_SWEEP_ID and WANDB_RUN_ID set),
+each trial writes to OUT/RUN_ID so that trials never share an output folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import netrc
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, TypeVar
+from urllib.parse import urlparse
+
+from experiments import cli
+from maml.logging import MODES, AbstractLogger, ConsoleLogger, MultiLogger, WandbLogger, flatten
+
+C = TypeVar("C")
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Mixin: experiment configs inherit these fields (all flags; none changes the computation)."""
+
+    wandb: Optional[str] = _f(None, "wandb mode: online, offline or disabled (default: WANDB_MODE, "
+                                    "else online with an API key configured, else offline)")
+    wandb_project: str = _f("maml-jax", "wandb project")
+    wandb_entity: Optional[str] = _f(None, "wandb entity (user or team; default: yours)")
+    wandb_group: Optional[str] = _f(None, "wandb run group (default: WANDB_RUN_GROUP)")
+    wandb_name: Optional[str] = _f(None, "wandb run name (default: wandb's)")
+    wandb_tags: tuple[str, ...] = _f((), "wandb run tags")
+    wandb_dir: Optional[str] = _f(None, "folder for wandb's run files (default: WANDB_DIR, else OUT)")
+
+
+FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Tracking))
+
+
+def api_key_configured() -> bool:
+    """Whether wandb would find credentials without prompting (env variables or .netrc)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or ""
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        entry = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
+def resolve_mode(mode: Optional[str]) -> str:
+    """The wandb mode from `--wandb`, then WANDB_MODE, then whether an API key is configured."""
+    aliases = {"dryrun": "offline", "run": "online"}
+    if mode is None:
+        env = os.environ.get("WANDB_MODE", "").strip().lower()
+        if env:
+            return resolve_mode(aliases.get(env, env))
+        return "online" if api_key_configured() else "offline"
+    if mode not in MODES:
+        raise ValueError(f"--wandb={mode!r}; expected one of {', '.join(MODES)}")
+    if mode == "online" and not api_key_configured():
+        raise ValueError("--wandb=online needs an API key (WANDB_API_KEY or `wandb login`); "
+                         "use --wandb offline and upload later with `wandb sync`")
+    return mode
+
+
+def prepare(config: C) -> C:
+    """Check the tracking fields; under a sweep agent, give the trial its own `out` (OUT/RUN_ID)."""
+    resolve_mode(config.wandb)
+    sweep, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    out = getattr(config, "out", None)
+    if sweep and run_id and out is not None and Path(out).name != run_id:
+        config = dataclasses.replace(config, out=str(Path(out) / run_id))
+    return config
+
+
+def start(config: Any, out: Path, *, job: str, console_every: int = 1) -> AbstractLogger:
+    """The run's logger (console, plus wandb unless disabled), with the config already logged."""
+    mode = resolve_mode(config.wandb)
+    console = ConsoleLogger(every=console_every)
+    if mode == "disabled":
+        return console
+    run_dir = config.wandb_dir or os.environ.get("WANDB_DIR") or str(out)
+    wandb = WandbLogger(
+        mode=mode, dir=run_dir, project=config.wandb_project, entity=config.wandb_entity,
+        group=config.wandb_group, name=config.wandb_name, tags=list(config.wandb_tags) or None,
+        job_type=job, config=cli.to_json(config),
+    )
+    print(f"wandb: {mode} run {wandb.run.id} in {wandb.run_dir}", file=sys.stderr)
+    _exit_on_sigterm()
+    return MultiLogger(console, wandb)
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (a sweep stopping the run) exits through Python, so wandb finishes the run (exit 143)."""
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        def stop(signum: int, frame: Any) -> None:
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, stop)
+
+
+def finish(logger: AbstractLogger, results: Mapping[str, Any], *, step: Optional[int] = None,
+           images: Sequence[Path] = ()) -> None:
+    """Log the results' numbers (but its `config`) as scalars (`mse/1`) at `step` (default: the
+    results' `meta_iterations`), `images` (named by file stem), `results` as the summary; finish."""
+    numbers = {k: v for k, v in flatten({k: v for k, v in results.items() if k != "config"}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    if step is None:
+        step = int(results.get("meta_iterations", 0))
+    if numbers:
+        logger.log_scalars(step, numbers)
+    for path in images:
+        if Path(path).exists():
+            logger.log_image(Path(path).stem, Path(path), step)
+    logger.log_summary(results)
+    logger.finish()
