@@ -38,11 +38,12 @@ class Diverged(FloatingPointError):
     """A non-finite meta-loss or meta-gradient made the parameters non-finite."""
 
 
-def _chunk_end(step: int, num_steps: int, steps_per_call: int, checkpoint_every: Optional[int]) -> int:
-    """Next stopping point: a multiple of steps_per_call or of checkpoint_every, or the end."""
+def _chunk_end(step: int, num_steps: int, steps_per_call: int, *periods: Optional[int]) -> int:
+    """Next stopping point: a multiple of steps_per_call or of one of `periods`, or the end."""
     end = min(num_steps, (step // steps_per_call + 1) * steps_per_call)
-    if checkpoint_every:
-        end = min(end, (step // checkpoint_every + 1) * checkpoint_every)
+    for period in periods:
+        if period:
+            end = min(end, (step // period + 1) * period)
     return end
 
 
@@ -97,6 +98,8 @@ def fit(
     checkpoint_dir: Optional[Path] = None,
     checkpoint_every: Optional[int] = None,
     on_chunk: Optional[Callable[[int, dict], None]] = None,
+    diagnose: Optional[Callable[[MetaTrainState], dict]] = None,
+    diagnose_every: Optional[int] = None,
     progress: bool = True,
     desc: str = "meta-train",
 ) -> MetaTrainState:
@@ -109,12 +112,15 @@ def fit(
     depend only on the step number, so a resumed run performs exactly the same computations as an
     uninterrupted one. `on_chunk(step, metrics)` gets each chunk's metrics as NumPy arrays with a leading
     step axis. Non-finite parameters after a chunk raise `Diverged` (nothing is checkpointed).
+    `diagnose(state) -> dict` (e.g. curvature diagnostics) runs every `diagnose_every` steps; its values
+    join that chunk's metrics. It only reads the state, so training is the same with or without it.
     """
     for name, value in (("num_steps", num_steps), ("steps_per_call", steps_per_call)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"fit: {name}={value!r}; expected a positive integer")
-    if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
-        raise ValueError(f"fit: checkpoint_every={checkpoint_every!r}; expected a positive integer or None")
+    for name, value in (("checkpoint_every", checkpoint_every), ("diagnose_every", diagnose_every)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"fit: {name}={value!r}; expected a positive integer or None")
     last_good = None
     if checkpoint_dir is not None:
         found = latest_checkpoint(checkpoint_dir, state)
@@ -134,7 +140,7 @@ def fit(
 
     with _deferred_signals() as caught, contextlib.closing(bar):
         while current < num_steps:
-            end = _chunk_end(current, num_steps, steps_per_call, checkpoint_every)
+            end = _chunk_end(current, num_steps, steps_per_call, checkpoint_every, diagnose and diagnose_every)
             n = end - current
             if n not in chunks:
                 chunks[n] = eqx.filter_jit(scan_steps(step, n))
@@ -149,6 +155,8 @@ def fit(
             bar.update(n)
             if end == num_steps or (checkpoint_every and end % checkpoint_every == 0):
                 last_good = checkpoint(state)
+            if diagnose is not None and diagnose_every and end % diagnose_every == 0:
+                metrics.update(jax.tree.map(np.asarray, diagnose(state)))
             if on_chunk is not None:
                 on_chunk(end, metrics)
             if caught.get("signum") is not None and current < num_steps:

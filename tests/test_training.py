@@ -104,3 +104,15 @@ def test_divergence_stops_with_step_and_quantity_and_keeps_last_good_checkpoint(
     state = maml.init_state(maml.MLP(1, 1, (8,), key=jax.random.PRNGKey(0)), skipping, jax.random.PRNGKey(1))
     final = maml.fit(state, step, SinusoidTasks(2, 3, 3), num_steps=100, steps_per_call=20, progress=False)
     assert int(final.opt_state.total_notfinite) == 50
+
+
+def test_diagnostics_run_every_n_steps_and_do_not_change_training(tmp_path):
+    state, step, sampler = setup()
+    seen = []
+    diagnose = lambda s: {"param_norm": sum(float((a ** 2).sum()) for a in jax.tree.leaves(s.model))}
+    with_diag = maml.fit(state, step, sampler, num_steps=60, steps_per_call=25, progress=False,
+                         diagnose=diagnose, diagnose_every=20,
+                         on_chunk=lambda n, m: seen.append((n, "param_norm" in m)))
+    plain = maml.fit(state, step, sampler, num_steps=60, steps_per_call=25, progress=False)
+    assert [n for n, has in seen if has] == [20, 40, 60]
+    assert maml.params_sha256(with_diag) == maml.params_sha256(plain)
