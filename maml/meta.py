@@ -11,7 +11,7 @@ import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from .batching import AbstractBatching, Vmap
-from .inner import InnerLoop
+from .inner import InnerLoop, network
 from .strategies import AbstractStrategy, SecondOrder
 from .tasks import Task, check_batch
 
@@ -21,13 +21,14 @@ def meta_loss_and_aux(
 ) -> tuple[Float[Array, ""], dict[str, Array]]:
     """Query loss of `model` after `inner` adapts it on the support set, and diagnostics.
 
-    aux: `support_loss` (before adaptation, scalar), `support_losses` ([K], before each inner step).
+    aux: `support_loss` (before adaptation, scalar), `support_losses` ([K], before each inner step), and
+    the strategy's own (e.g. `cg_residual` for `maml.Implicit`).
     """
-    adapted, losses = inner.adapt(model, task.support_x, task.support_y, strategy=strategy)
-    query_loss = inner.loss_fn(adapted, task.query_x, task.query_y)
+    loss, aux = strategy.objective(model, task, inner)
+    losses = aux["support_losses"]
     # The loss before the first inner step is already computed by the loop; reuse it when there is one.
-    before = losses[0] if inner.steps > 0 else inner.loss_fn(model, task.support_x, task.support_y)
-    return query_loss, {"support_loss": jax.lax.stop_gradient(before), "support_losses": losses}
+    before = losses[0] if inner.steps > 0 else inner.loss_fn(network(model, 0), task.support_x, task.support_y)
+    return loss, {**aux, "support_loss": jax.lax.stop_gradient(before), "support_losses": losses}
 
 
 def meta_loss(
@@ -35,10 +36,22 @@ def meta_loss(
 ) -> Float[Array, ""]:
     """The MAML objective for one task: query loss after `inner.steps` SGD steps on the support set.
 
-    `jax.grad` of this with respect to `model` is the task's meta-gradient (second order by default).
+    `jax.grad` of this with respect to `model` is the task's meta-gradient (second order by default;
+    `strategy.objective` says what is differentiated: e.g. a weighted multi-step loss, Reptile's surrogate).
     """
-    adapted, _ = inner.adapt(model, task.support_x, task.support_y, strategy=strategy)
-    return inner.loss_fn(adapted, task.query_x, task.query_y)
+    return strategy.objective(model, task, inner)[0]
+
+
+def adaptation_curve(
+    model: PyTree, task: Task, inner: InnerLoop, *, strategy: AbstractStrategy = SecondOrder()
+) -> Float[Array, " steps+1"]:
+    """Query loss of one task before adaptation and after each of `inner.steps` steps: `[K + 1]`.
+
+    Adapts as `strategy` does (learned rates, filters, proximal term); for evaluation, not differentiated.
+    """
+    a = strategy.adapt(inner, model, task.support_x, task.support_y, query=(task.query_x, task.query_y))
+    before = inner.loss_fn(network(model, 0), task.query_x, task.query_y)
+    return jax.lax.stop_gradient(jnp.concatenate([before[None], a.query_losses]))
 
 
 def meta_value_and_grad(
@@ -82,13 +95,15 @@ def make_train_step(
 ) -> Callable[[MetaTrainState, Task], tuple[MetaTrainState, dict[str, Array]]]:
     """One pure meta-training step `(state, tasks) -> (state, metrics)`; the caller jits it.
 
-    metrics: `meta_loss`, the mean query loss after adaptation. (Only that: on small models every extra
-    output measurably slows the step; `meta_loss_and_aux` gives support-loss diagnostics for evaluation.)
+    `strategy.at_step(state.step)` is used at each step (annealed strategies: MAML++ multi-step loss
+    weights, derivative-order annealing). metrics: `meta_loss`, the mean query loss after adaptation.
+    (Only that: on small models every extra output measurably slows the step; `meta_loss_and_aux` gives
+    support-loss diagnostics, and iMAML's `cg_residual`, for evaluation.)
     """
 
     def step(state: MetaTrainState, tasks: Task):
         loss, grads = meta_value_and_grad(
-            state.model, tasks, inner, strategy=strategy, batching=batching
+            state.model, tasks, inner, strategy=strategy.at_step(state.step), batching=batching
         )
         params = eqx.filter(state.model, eqx.is_inexact_array)
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
