@@ -6,6 +6,7 @@ from typing import Callable, Sequence
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 
@@ -50,3 +51,77 @@ def apply(model: Callable, x: Array) -> Array:
     if isinstance(model, AbstractBatchModel):
         return model(x)
     return jax.vmap(model)(x)
+
+
+class Conv4(AbstractBatchModel):
+    """The MAML paper's Omniglot / mini-ImageNet network on a whole batch: `x [N, H, W, C] -> [N, classes]`.
+
+    Four blocks of 3x3 SAME convolution (no bias), batch norm with the batch's own statistics (learned
+    scale and offset, no running statistics), ReLU and 2x2 max-pool (VALID), then a linear head on the
+    flattened `[s, s, filters]` features (`s = image_size` halved four times, rounding down).
+    `conv_impl` picks each block's convolution (see `maml.layers.conv3x3`); "auto" uses im2col.
+    """
+
+    conv_weights: tuple[Float[Array, "3 3 cin cout"], ...]
+    bn_scales: tuple[Float[Array, " cout"], ...]
+    bn_offsets: tuple[Float[Array, " cout"], ...]
+    head_weight: Float[Array, "features classes"]
+    head_bias: Float[Array, " classes"]
+    conv_impls: tuple[str, ...] = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 5,
+        filters: int = 64,
+        image_size: int = 28,
+        *,
+        conv_impl: str | Sequence[str] = "auto",
+        key: PRNGKeyArray,
+    ):
+        from .layers import CONV_IMPLS
+
+        for name, value, low in (
+            ("in_channels", in_channels, 1), ("num_classes", num_classes, 1),
+            ("filters", filters, 1), ("image_size", image_size, 16),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"Conv4: {name}={value!r}; expected an integer >= {low}")
+        impls = (conv_impl,) * 4 if isinstance(conv_impl, str) else tuple(conv_impl)
+        impls = tuple("im2col" if i == "auto" else i for i in impls)
+        if len(impls) != 4 or any(i not in CONV_IMPLS for i in impls):
+            raise ValueError(f"Conv4: conv_impl={conv_impl!r}; expected 'auto', one of {CONV_IMPLS}, or 4 of them")
+        keys = jax.random.split(key, 5)
+        weights, cin = [], in_channels
+        for k in keys[:4]:
+            bound = 1.0 / (9 * cin) ** 0.5  # PyTorch's default (Kaiming uniform, a=sqrt(5))
+            weights.append(jax.random.uniform(k, (3, 3, cin, filters), minval=-bound, maxval=bound))
+            cin = filters
+        size = image_size
+        for _ in range(4):
+            size //= 2
+        features = size * size * filters
+        bound = 1.0 / features**0.5
+        kw, kb = jax.random.split(keys[4])
+        self.conv_weights = tuple(weights)
+        self.bn_scales = tuple(jnp.ones((filters,)) for _ in range(4))
+        self.bn_offsets = tuple(jnp.zeros((filters,)) for _ in range(4))
+        self.head_weight = jax.random.uniform(kw, (features, num_classes), minval=-bound, maxval=bound)
+        self.head_bias = jax.random.uniform(kb, (num_classes,), minval=-bound, maxval=bound)
+        self.conv_impls = impls
+
+    def __call__(self, x: Float[Array, "N H W C"]) -> Float[Array, "N classes"]:
+        from .layers import batch_norm, conv3x3, max_pool_2x2
+
+        cin = self.conv_weights[0].shape[2]
+        if x.ndim != 4 or x.shape[-1] != cin:
+            raise ValueError(f"Conv4: x has shape {tuple(x.shape)}; expected [N, H, W, {cin}] (NHWC)")
+        for w, s, o, impl in zip(self.conv_weights, self.bn_scales, self.bn_offsets, self.conv_impls):
+            x = max_pool_2x2(jax.nn.relu(batch_norm(conv3x3(x, w, impl), s, o)))
+        x = x.reshape(x.shape[0], -1)
+        if x.shape[1] != self.head_weight.shape[0]:
+            raise ValueError(
+                f"Conv4: x gives {x.shape[1]} features but the head expects {self.head_weight.shape[0]}; "
+                "expected images of the image_size the model was built with"
+            )
+        return x @ self.head_weight + self.head_bias
