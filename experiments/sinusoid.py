@@ -54,13 +54,17 @@ class SinusoidConfig(tracking.Tracking, runtime.RuntimeConfig, algorithms.Algori
     eval_tasks: int = _f(1000, "held-out evaluation tasks")
     eval_points: int = _f(100, "query points per evaluation task")
     eval_steps: tuple[int, ...] = _f((0, 1, 5, 10), "inner steps at which to report the evaluation MSE")
+    curvature_every: int = _f(0, "curvature diagnostics (maml.task_curvature) every N meta-iterations, logged; 0: off")
+    curvature_tasks: int = _f(8, "tasks in the fixed batch the curvature diagnostics look at")
     out: str = _f("runs/sinusoid", "output folder (results.json, fits.png, checkpoints/)")
     progress: bool = _f(True, "show a progress bar")
 
     def __post_init__(self):
         cli.check_positive(self, "shots", "queries", "inner_lr", "meta_batch", "outer_lr", "iterations",
                            "hidden", "steps_per_call", "checkpoint_every", "baseline_iterations",
-                           "baseline_lr", "eval_tasks", "eval_points")
+                           "baseline_lr", "eval_tasks", "eval_points", "curvature_tasks")
+        if self.curvature_every < 0:
+            raise ValueError(f"--curvature-every={self.curvature_every}; expected an integer >= 0 (0: off)")
         if self.inner_steps < 1:
             raise ValueError(f"--inner-steps={self.inner_steps}; expected an integer >= 1")
         if not self.eval_steps or min(self.eval_steps) < 0:
@@ -69,18 +73,28 @@ class SinusoidConfig(tracking.Tracking, runtime.RuntimeConfig, algorithms.Algori
 
 
 # Fields that may change between a run and its resumption (they do not change training).
-RESUMABLE = ("iterations", "progress", "out", "eval_tasks", "eval_points", "eval_steps", "baseline_iterations", "baseline_lr") + tracking.FIELDS + runtime.RUNTIME_FIELDS
+RESUMABLE = ("iterations", "progress", "out", "curvature_every", "curvature_tasks", "eval_tasks", "eval_points", "eval_steps", "baseline_iterations", "baseline_lr") + tracking.FIELDS + runtime.RUNTIME_FIELDS
+
+
+def curvature_diagnostics(config: SinusoidConfig, inner: maml.InnerLoop, key):
+    """`state -> metrics`: top eigenvalue, trace and minimum eigenvalue of the support loss and of the
+    meta-objective, and the inner loop's stability (lr x top eigenvalue), on a fixed batch of tasks."""
+    tasks = SinusoidTasks(config.curvature_tasks, config.shots, config.queries or config.shots)(key)
+    run = eqx.filter_jit(lambda model: maml.task_curvature.task_curvature(
+        model, tasks, inner, key=key, k=1, num_iters=20, meta_num_iters=20).metrics())
+    return lambda state: run(maml.parallel.to_local(state.model))
 
 
 def train(model, config: SinusoidConfig, inner: maml.InnerLoop, strategy, *, key, num_steps, checkpoint_dir, desc, on_chunk=None,
-          optimizer=None):
+          optimizer=None, diagnose=None):
     optimizer = optimizer or optax.adam(config.outer_lr)
     state, checkpoint_dir = runtime.resume(maml.init_state(model, optimizer, key), checkpoint_dir)
     step = runtime.train_step(config, optimizer, inner, strategy=strategy, meta_batch=config.meta_batch)
     sampler = SinusoidTasks(config.meta_batch, config.shots, config.queries or config.shots)
     state = maml.fit(state, step, sampler, num_steps=num_steps, steps_per_call=min(config.steps_per_call, num_steps),
                      checkpoint_dir=checkpoint_dir, checkpoint_every=config.checkpoint_every,
-                     progress=config.progress and runtime.is_writer(), desc=desc, on_chunk=on_chunk)
+                     progress=config.progress and runtime.is_writer(), desc=desc, on_chunk=on_chunk,
+                     diagnose=diagnose, diagnose_every=config.curvature_every or None)
     return maml.parallel.to_local(state.model)  # replicated over devices -> this process's own copy
 
 
@@ -155,7 +169,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     start = time.perf_counter()
     meta_model = train(algo.model, config, inner, strategy, optimizer=algo.optimizer, key=train_key, num_steps=config.iterations,
                        checkpoint_dir=out / "checkpoints", desc="meta-train",
-                       on_chunk=logger.on_chunk if writer else None)
+                       on_chunk=logger.on_chunk if writer else None,
+                       diagnose=curvature_diagnostics(config, inner, eval_key) if config.curvature_every else None)
     jax.block_until_ready(meta_model)
     train_seconds = time.perf_counter() - start
     # The paper's baseline: the same network regressing all tasks at once (no inner step in training).

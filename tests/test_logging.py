@@ -254,3 +254,26 @@ def test_disabled_writes_nothing_and_opens_no_socket(toy, monkeypatch):
     assert json.loads((toy / "out" / "results.json").read_text())["meta_iterations"] == 3
     assert not [p for p in toy.rglob("*wandb*") if p.name != "wandb-home"], "disabled mode wrote wandb files"
     assert not (toy / "wandb-home").exists()
+
+
+def test_curvature_diagnostics_go_to_the_training_log(tmp_path, monkeypatch):
+    from experiments import sinusoid
+
+    logged = []
+    monkeypatch.setattr(sinusoid, "plot_fits", lambda path, *a, **k: path.write_bytes(b""))
+    real_train = sinusoid.train
+
+    def spy(*args, on_chunk=None, **kwargs):
+        def record(step, metrics):
+            logged.append((step, sorted(k for k in metrics if k.startswith("curv/"))))
+            if on_chunk is not None:
+                on_chunk(step, metrics)
+        return real_train(*args, on_chunk=record, **kwargs)
+
+    monkeypatch.setattr(sinusoid, "train", spy)
+    sinusoid.main(["--iterations", "40", "--steps-per-call", "20", "--checkpoint-every", "40", "--hidden", "8",
+                   "--baseline-iterations", "10", "--eval-tasks", "4", "--eval-points", "4", "--eval-steps", "0,1",
+                   "--curvature-every", "20", "--curvature-tasks", "2", "--no-progress", "--wandb", "disabled",
+                   "--out", str(tmp_path / "run")])
+    with_curv = [step for step, keys in logged if "curv/inner_stability_max" in keys and "curv/meta_top" in keys]
+    assert with_curv == [20, 40]
