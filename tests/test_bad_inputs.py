@@ -1,0 +1,69 @@
+"""Every row of README.md's "Bad input" table, run as typed: exit status 2 and exactly the one line shown.
+
+Placeholders in the commands: {file} an existing regular file, {empty} an empty folder, {data} the shared
+Omniglot folder (rows using it skip without MAML_SHARED_DATA), {run} a finished sinusoid run folder,
+{yaml} a file holding the YAML after `<<<` in the command cell, {corrupt} a folder whose
+images_background_small1.zip is not a zip file.
+"""
+
+import importlib
+import os
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from experiments import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rows():
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Bad input", 1)[1].split("\n## ", 1)[0]
+    found = re.findall(r"^\| `(python -m [^`]+)` \| `([^`]+)` \|$", section, re.M)
+    assert len(found) >= 20, "the README's bad-input table should list at least 20 cases"
+    return found
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "sinusoid"
+    from experiments import sinusoid
+
+    # only fields that may differ between a run and its resumption are changed from the defaults
+    sinusoid.main(["--iterations", "20", "--baseline-iterations", "10", "--eval-tasks", "4", "--eval-points", "4", "--eval-steps", "0,1",
+                   "--no-progress", "--wandb", "disabled", "--out", str(out)])
+    return out
+
+
+@pytest.mark.parametrize("command, message", rows(), ids=lambda v: v[:60])
+def test_bad_input_gives_its_one_line(command, message, tmp_path, capsys, request):
+    yaml = None
+    if "<<<" in command:
+        command, yaml = (part.strip() for part in command.split("<<<", 1))
+    values = {"file": tmp_path / "a_file.txt", "empty": tmp_path / "empty", "yaml": tmp_path / "sweep.yaml"}
+    values["file"].write_text("x")
+    values["empty"].mkdir()
+    values["corrupt"] = tmp_path / "corrupt"
+    values["corrupt"].mkdir()
+    (values["corrupt"] / "images_background_small1.zip").write_bytes(b"not a zip file at all")
+    if yaml is not None:
+        values["yaml"].write_text(yaml.replace("\\n", "\n"))
+    if "{data}" in command + message:
+        shared = os.environ.get("MAML_SHARED_DATA")
+        if not shared or not Path(shared).is_dir():
+            pytest.skip("real data not available: set MAML_SHARED_DATA to ../shared/data")
+        values["data"] = Path(shared) / "omniglot"
+    if "{run}" in command + message:
+        values["run"] = request.getfixturevalue("finished_run")
+    fill = lambda s: s.format(**{k: str(v) for k, v in values.items()})
+    argv = shlex.split(fill(command))
+    assert argv[:2] == ["python", "-m"]
+    module = importlib.import_module(argv[2])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(module.main, argv[3:])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == fill(message), err
