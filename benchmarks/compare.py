@@ -1,0 +1,217 @@
+"""Ours against the PyTorch MAML peers, side by side in one process run, alternating, after warm-up.
+
+`python -m benchmarks.compare [--workloads omniglot-5w1s-2nd,...] [--impls ours,torchfunc,...] [--json]`
+
+For each workload: every peer's meta-gradient is first checked against ours in float64 (on 2 tasks);
+then one warm-up step each, then `--repeats` rounds, each running one meta-iteration of every
+implementation in turn. Prints median seconds per meta-iteration, tasks per second, peak memory (XLA's
+memory analysis for ours; the step's resident-set growth for peers), the ratio to the fastest peer,
+and our achieved GFLOP/s (XLA's cost analysis) against an XLA 1024x1024 matmul on this machine.
+With `--json`: one object per line instead of the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import peers
+from .ours import Ours, build_model, torch_params
+from .workloads import WORKLOADS, Workload, synthetic_batch
+
+IMPLS = ("ours", "torchfunc", "torchfunc-loop", "higher", "l2l")
+# torch.func's vmap keeps every task's second-order graph at once: 6 GB at 5-way 1-shot, 32 tasks.
+TOO_BIG = {("torchfunc", "omniglot-20w1s-5step"): "vmap over 16 tasks x 5 second-order steps needs > 24 GB"}
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 20) -> tuple[float, float]:
+    """XLA float32 n x n matmul rate on this machine (median of `repeats`): per wall second and per
+    CPU second of this process (the latter is steadier on a shared machine)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, a).block_until_ready()
+    ts, cs = [], []
+    for _ in range(repeats):
+        t, c = time.perf_counter(), time.process_time()
+        f(a, a).block_until_ready()
+        ts.append(time.perf_counter() - t)
+        cs.append(time.process_time() - c)
+    return 2 * n**3 / statistics.median(ts) / 1e9, 2 * n**3 / statistics.median(cs) / 1e9
+
+
+class RssPeak:
+    """Peak resident-set growth (bytes) while the block runs, sampled every millisecond."""
+
+    def __enter__(self):
+        import psutil
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back so growth is measurable
+        except OSError:
+            pass
+        self.proc = psutil.Process(os.getpid())
+        self.base = self.peak = self.proc.memory_info().rss
+        self.done = False
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.done:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self.done = True
+        self.thread.join()
+        self.growth = self.peak - self.base
+
+
+def check_peer(w: Workload, peer_cls, model, tol: float = 1e-6) -> float:
+    """Relative error of the peer's float64 meta-gradient against ours on 2 tasks; raises if above `tol`."""
+    import torch
+
+    small = dataclasses.replace(w, meta_batch=2)
+    batch = synthetic_batch(small, seed=1, dtype=np.float64)
+    with jax.enable_x64(True):
+        ours = Ours(small, model, batch, dtype=jnp.float64).meta_grad()
+    theirs = peer_cls(small, torch_params(model, w), batch, dtype=torch.float64).meta_grad()
+    num = sum(float(np.sum((ours[k] - theirs[k]) ** 2)) for k in ours)
+    den = sum(float(np.sum(ours[k] ** 2)) for k in ours)
+    err = (num / den) ** 0.5
+    if not err < tol:
+        raise RuntimeError(f"{peer_cls.__name__} on {w.name}: meta-gradient relative error {err:.2e} > {tol}")
+    return err
+
+
+def run_workload(w: Workload, impls, repeats: int, check: bool, log) -> list[dict]:
+    import torch
+
+    model = build_model(w)
+    batch = synthetic_batch(w)
+    runners, rows, notes = {}, {}, {}
+    available, missing = peers.available()
+    for name in impls:
+        if name == "ours":
+            runners[name] = Ours(w, model, batch)
+            continue
+        if name not in available:
+            notes[name] = f"not installed ({missing.get(name, 'unknown')})"
+            continue
+        if (name, w.name) in TOO_BIG:
+            notes[name] = f"skipped: {TOO_BIG[name, w.name]}"
+            continue
+        try:
+            err = check_peer(w, available[name], model) if check else float("nan")
+            runners[name] = available[name](w, torch_params(model, w), batch, dtype=torch.float32)
+            log(f"  {name}: float64 meta-gradient relative error vs ours {err:.1e}")
+        except NotImplementedError as e:
+            notes[name] = f"skipped: {e}"
+        except RuntimeError as e:  # a wrong meta-gradient: reported, not timed
+            notes[name] = f"not timed: {e}"
+            log(f"  {name}: {e}")
+    mem = {}
+    for name, r in runners.items():  # warm-up (compilation) and memory
+        if name == "ours":
+            r.step(), r.block()
+            mem[name] = r.peak_bytes()
+        else:
+            with RssPeak() as p:
+                r.step()
+            mem[name] = p.growth
+    times = {name: [] for name in runners}
+    cpu = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, r in runners.items():
+            t, c = time.perf_counter(), time.process_time()
+            r.step()
+            if name == "ours":
+                r.block()
+            times[name].append((time.perf_counter() - t) / getattr(r, "steps_per_call", 1))
+            cpu[name].append((time.process_time() - c) / getattr(r, "steps_per_call", 1))
+    for name in runners:
+        sec = statistics.median(times[name])
+        rows[name] = {"workload": w.name, "impl": name, "sec_per_iter": sec, "tasks_per_s": w.meta_batch / sec,
+                      "peak_mem_mb": mem[name] / 2**20, "cpu_s_per_iter": statistics.median(cpu[name]),
+                      "times": times[name]}
+    peer_rates = [r["tasks_per_s"] for n, r in rows.items() if n != "ours"]
+    peer_cpu = [r["cpu_s_per_iter"] for n, r in rows.items() if n != "ours"]
+    for r in rows.values():
+        r["ratio_to_fastest_peer"] = r["tasks_per_s"] / max(peer_rates) if peer_rates else float("nan")
+        r["cpu_ratio_to_fastest_peer"] = min(peer_cpu) / r["cpu_s_per_iter"] if peer_cpu else float("nan")
+    if "ours" in runners:
+        flops = runners["ours"].flops()  # XLA counts the scan body once: already per iteration
+        rows["ours"]["gflop_per_iter"] = flops / 1e9
+        rows["ours"]["gflop_per_s"] = flops / rows["ours"]["sec_per_iter"] / 1e9
+        rows["ours"]["gflop_per_cpu_s"] = flops / rows["ours"]["cpu_s_per_iter"] / 1e9
+    out = list(rows.values())
+    out += [{"workload": w.name, "impl": n, "note": why} for n, why in notes.items()]
+    return out
+
+
+def print_table(results, peak, peak_cpu):
+    print(f"{'workload':22s} {'impl':15s} {'s/iter':>9s} {'tasks/s':>9s} {'peak MB':>9s} {'vs fastest peer':>15s}"
+          f" {'CPU s/iter':>10s} {'CPU ratio':>9s}")
+    for r in results:
+        if "note" in r:
+            print(f"{r['workload']:22s} {r['impl']:15s} {r['note']}")
+            continue
+        extra = ""
+        if "gflop_per_s" in r:
+            extra = (f"  {r['gflop_per_iter']:.2f} GFLOP/iter, {r['gflop_per_s']:.1f} GFLOP/s = "
+                     f"{r['gflop_per_s'] / peak:.0%} of matmul; per CPU-s {r['gflop_per_cpu_s']:.1f} = "
+                     f"{r['gflop_per_cpu_s'] / peak_cpu:.0%}")
+        print(f"{r['workload']:22s} {r['impl']:15s} {r['sec_per_iter']:9.4f} {r['tasks_per_s']:9.1f} "
+              f"{r['peak_mem_mb']:9.0f} {r['ratio_to_fastest_peer']:14.2f}x {r['cpu_s_per_iter']:10.4f} "
+              f"{r['cpu_ratio_to_fastest_peer']:8.2f}x{extra}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-check", action="store_true", help="skip the float64 meta-gradient check of peers")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    workloads = args.workloads.split(",")
+    impls = args.impls.split(",")
+    for name in workloads:
+        if name not in WORKLOADS:
+            p.error(f"--workloads: {name!r}; expected names from {sorted(WORKLOADS)}")
+    for name in impls:
+        if name not in IMPLS:
+            p.error(f"--impls: {name!r}; expected names from {IMPLS}")
+    log = (lambda s: None) if args.json else print
+    peak, peak_cpu = matmul_gflops()
+    import torch
+
+    log(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}, "
+        f"torch {torch.__version__}; XLA 1024^2 matmul {peak:.0f} GFLOP/s ({peak_cpu:.0f} per CPU-s); "
+        f"load average {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M')}")
+    results = []
+    for name in workloads:
+        log(f"{name}:")
+        rows = run_workload(WORKLOADS[name], impls, args.repeats, not args.no_check, log)
+        results += rows
+        if args.json:
+            for r in rows:
+                r = {k: v for k, v in r.items() if k != "times"}
+                print(json.dumps({**r, "matmul_gflop_per_s": peak, "matmul_gflop_per_cpu_s": peak_cpu}), flush=True)
+    if not args.json:
+        print_table(results, peak, peak_cpu)
+
+
+if __name__ == "__main__":
+    main()
