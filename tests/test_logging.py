@@ -166,7 +166,7 @@ def test_wandb_logger_offline_roundtrip(tmp_path):
     logger.log_summary(summary)
     logger.finish()
 
-    (run_dir,) = find_offline_runs(tmp_path / "runs")
+    (run_dir,) = find_offline_runs(tmp_path / "runs", run_id=logger.run.id)
     run = read_offline_run(run_dir)
     assert (run.run_id, run.project, run.group, run.job_type) == (logger.run.id, "p", "g", "unit")
     assert run.config == {"lr": 0.1, "hidden": [40, 40], "extra": "yes"}

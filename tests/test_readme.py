@@ -27,7 +27,7 @@ def test_snippet_meta_trains_a_model_of_your_own(repo_root, capsys):
 
 
 def test_ci_runs_the_readme_test_command(repo_root):
-    text = readme(repo_root)
-    commands = re.findall(r"^    (pip install .*)$", text, re.M)
+    setup = readme(repo_root).split("## Set up", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"^    (pip install .*)$", setup, re.M)
     assert commands == ["pip install -e . && python -m experiments.sinusoid", "pip install -e '.[dev]' && pytest"]
     assert commands[1] in (repo_root / ".ci" / "run").read_text()
