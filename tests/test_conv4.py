@@ -3,6 +3,8 @@ central finite differences in float64, max-pool ties, batching values, errors.""
 
 from __future__ import annotations
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,9 @@ import pytest
 
 import maml
 from maml.layers import batch_norm, conv3x3, max_pool_2x2
+
+# Correctness tests: the graphs are big and run once, so compile them without backend optimisation.
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def ref_pool(x):
@@ -71,7 +76,7 @@ def test_conv_impls_match_lax(x64, impl):
     np.testing.assert_allclose(conv3x3(x, w, impl), ref_conv(x, w), rtol=1e-12, atol=1e-12)
     f = lambda x, w: jnp.sum(jnp.sin(conv3x3(x, w, impl)))
     g = lambda x, w: jnp.sum(jnp.sin(ref_conv(x, w)))
-    for a, b in zip(jax.jit(jax.grad(f, (0, 1)))(x, w), jax.jit(jax.grad(g, (0, 1)))(x, w)):
+    for a, b in zip(_jit(jax.grad(f, (0, 1)))(x, w), _jit(jax.grad(g, (0, 1)))(x, w)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -126,7 +131,7 @@ def test_meta_gradient_matches_reference(x64):
     net = tiny_model(key)
     tasks = tiny_tasks(jax.random.fold_in(key, 1))
     inner = maml.InnerLoop(maml.losses.cross_entropy, 2, 0.4)
-    fn = jax.jit(lambda m: maml.meta_value_and_grad(m, tasks, inner))
+    fn = _jit(lambda m: maml.meta_value_and_grad(m, tasks, inner))
     (loss, grads), (ref_loss, ref_grads) = fn(net), fn(RefConv4(net))
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads.net)):
@@ -139,8 +144,8 @@ def test_meta_gradient_finite_differences(x64):
     task = jax.tree.map(lambda a: a[0], tiny_tasks(jax.random.fold_in(key, 1), b=1))
     inner = maml.InnerLoop(maml.losses.cross_entropy, 1, 0.4)
     params, static = eqx.partition(net, eqx.is_inexact_array)
-    f = jax.jit(lambda p: maml.meta_loss(eqx.combine(p, static), task, inner))
-    grads = jax.jit(jax.grad(f))(params)
+    loss = lambda p: maml.meta_loss(eqx.combine(p, static), task, inner)
+    f, grads = _jit(loss), _jit(jax.grad(loss))(params)
     direction = jax.tree.map(lambda a, i: jax.random.normal(jax.random.fold_in(key, i), a.shape), params,
                              jax.tree.unflatten(jax.tree.structure(params), range(len(jax.tree.leaves(params)))))
     eps = 1e-6
@@ -156,7 +161,7 @@ def test_meta_hvp_forward_over_reverse_matches_reference(x64):
     task = jax.tree.map(lambda a: a[0], tiny_tasks(jax.random.fold_in(key, 1), b=1))
     inner = maml.InnerLoop(maml.losses.cross_entropy, 1, 0.4)
 
-    @jax.jit
+    @_jit
     def hvp(model):
         params, static = eqx.partition(model, eqx.is_inexact_array)
         v = jax.tree.map(jnp.ones_like, params)
@@ -172,7 +177,7 @@ def test_batchings_agree():
     net = tiny_model(key)
     tasks = tiny_tasks(jax.random.fold_in(key, 1), b=2)
     inner = maml.InnerLoop(maml.losses.cross_entropy, 1, 0.4)
-    fn = jax.jit(lambda net, tasks, b: maml.meta_value_and_grad(net, tasks, inner, strategy=maml.FirstOrder(),
+    fn = _jit(lambda net, tasks, b: maml.meta_value_and_grad(net, tasks, inner, strategy=maml.FirstOrder(),
                                                                 batching=b)[1], static_argnums=2)
     outs = [fn(net, tasks, b) for b in (maml.Vmap(), maml.Unroll())]
     for other in outs[1:]:
