@@ -32,6 +32,7 @@ from typing import Any, Mapping, Optional, Sequence, TypeVar
 from urllib.parse import urlparse
 
 from experiments import cli
+from maml.checkpoint import atomic_write_bytes
 from maml.logging import MODES, AbstractLogger, ConsoleLogger, MultiLogger, WandbLogger, flatten
 
 C = TypeVar("C")
@@ -104,11 +105,19 @@ def start(config: Any, out: Path, *, job: str, console_every: int = 1) -> Abstra
     if mode == "disabled":
         return console
     run_dir = config.wandb_dir or os.environ.get("WANDB_DIR") or str(out)
+    # A resumed run continues the same wandb run: its id is kept beside the checkpoints (unless a sweep
+    # agent assigns the id).
+    id_file = Path(out) / "wandb_run_id"
+    resume = {}
+    if "WANDB_RUN_ID" not in os.environ and id_file.exists():
+        resume = {"id": id_file.read_text().strip(), "resume": "allow"}
     wandb = WandbLogger(
         mode=mode, dir=run_dir, project=config.wandb_project, entity=config.wandb_entity,
         group=config.wandb_group, name=config.wandb_name, tags=list(config.wandb_tags) or None,
-        job_type=job, config=cli.to_json(config),
+        job_type=job, config=cli.to_json(config), **resume,
     )
+    if "WANDB_RUN_ID" not in os.environ:
+        atomic_write_bytes(id_file, wandb.run.id.encode())
     print(f"wandb: {mode} run {wandb.run.id} in {wandb.run_dir}", file=sys.stderr)
     _exit_on_sigterm()
     return MultiLogger(console, wandb)

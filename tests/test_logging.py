@@ -277,3 +277,21 @@ def test_curvature_diagnostics_go_to_the_training_log(tmp_path, monkeypatch):
                    "--out", str(tmp_path / "run")])
     with_curv = [step for step, keys in logged if "curv/inner_stability_max" in keys and "curv/meta_top" in keys]
     assert with_curv == [20, 40]
+
+
+def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    from experiments import sinusoid
+
+    from PIL import Image
+
+    monkeypatch.setattr(sinusoid, "plot_fits", lambda path, *a, **k: Image.new("RGB", (16, 8), "white").save(path))
+    out = tmp_path / "sin"
+    base = [a for a in TINY]
+    sinusoid.main(base + ["--out", str(out), "--wandb", "offline"])
+    run_id = (out / "wandb_run_id").read_text()
+    i = base.index("--iterations")
+    base[i + 1] = str(int(base[i + 1]) + 100)  # the same run, trained further: resumes from its checkpoint
+    sinusoid.main(base + ["--out", str(out), "--wandb", "offline"])
+    runs = find_offline_runs(out / "wandb")
+    assert len(runs) == 2 and all(p.name.endswith("-" + run_id) for p in runs)
+    assert (out / "wandb_run_id").read_text() == run_id
