@@ -10,18 +10,18 @@ optimiser). The training loop is the same for all of them (`maml.make_train_step
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 import optax
 
 import maml
+from experiments import cli
 
 ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "imaml")
 
 
-def _f(default, help):
-    return field(default=default, metadata={"help": help})
+_f = cli.flag
 
 
 @dataclass(frozen=True)

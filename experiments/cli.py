@@ -38,6 +38,11 @@ def _converter(tp: Any) -> tuple[Callable[[str], Any], str]:
     raise TypeError(f"unsupported config field type {tp!r}")
 
 
+def flag(default: Any, help: str) -> Any:
+    """A config field with a default and the help text its `--flag` shows."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 def field_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -40,8 +40,7 @@ HEADS = ("auto", "trained", "zero")
 _OMNIGLOT_FIELDS = ("data_dir", "ways", "shots", "queries", "filters", "inner_lr", "eval_steps", "meta_batch")
 
 
-def _f(default, help):
-    return field(default=default, metadata={"help": help})
+_f = cli.flag
 
 
 @dataclass(frozen=True)

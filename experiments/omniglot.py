@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -48,8 +48,7 @@ DEFAULT_CACHE = Path.home() / ".cache" / "maml_jax" / "tfds"
 EVAL_BLOCK = 100  # tasks drawn and evaluated per compiled call (task i of block b: fold_in(fold_in(key, b), i))
 
 
-def _f(default, help):
-    return field(default=default, metadata={"help": help})
+_f = cli.flag
 
 
 def batchings() -> dict[str, type]:

@@ -20,7 +20,7 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +29,7 @@ import jax
 import optax
 
 import maml
+from experiments import cli
 from maml.meta import MetaTrainState, SampledStep
 
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
@@ -36,8 +37,7 @@ RUNTIME_FIELDS = ("devices", "coordinator", "num_processes", "process_id", "coor
 """Fields that do not change what is computed (beyond float round-off): a run may resume with others."""
 
 
-def _f(default, help):
-    return field(default=default, metadata={"help": help})
+_f = cli.flag
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -29,8 +29,7 @@ from data.sinusoid import SinusoidTasks, X_RANGE, sample_tasks, sine
 from experiments import algorithms, cli, runtime, tracking
 
 
-def _f(default, help):
-    return field(default=default, metadata={"help": help})
+_f = cli.flag
 
 
 @dataclass(frozen=True)

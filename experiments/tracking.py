@@ -26,7 +26,7 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TypeVar
 from urllib.parse import urlparse
@@ -38,8 +38,7 @@ from maml.logging import MODES, AbstractLogger, ConsoleLogger, MultiLogger, Wand
 C = TypeVar("C")
 
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+_f = cli.flag
 
 
 @dataclass(frozen=True)
