@@ -79,8 +79,14 @@ def initialize(config: RuntimeConfig) -> None:
     """Join the run's processes through `jax.distributed` (a no-op for a single process or when done).
 
     Waits at most `config.coordinator_timeout` seconds for all processes to reach the coordinator, then
-    raises a one-line ValueError. Must run before any other JAX computation in the process.
+    raises a one-line ValueError. Must run before any other JAX computation in the process. Checks
+    `--devices` against this process's devices, so a bad value fails before anything is written.
     """
+    _join(config)
+    num_devices(config)
+
+
+def _join(config: RuntimeConfig) -> None:
     slurm = in_slurm_step() and config.coordinator is None
     num = config.num_processes or (int(os.environ["SLURM_NTASKS"]) if slurm else 1)
     if num == 1 or jax.distributed.is_initialized():

@@ -11,6 +11,7 @@ Expected with --shots 5: MSE below the paper's 0.67 / 0.38 / 0.35 after 1 / 5 / 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -158,46 +159,48 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     writer = runtime.is_writer()  # only process 0 writes checkpoints, results and logs
     out = cli.prepare_out(config.out, config, ignore=RESUMABLE) if writer else Path(config.out)
     logger = tracking.start(config, out, job="sinusoid") if writer else None
-    key = jax.random.PRNGKey(config.seed)
-    init_key, train_key, base_key, eval_key, plot_key = jax.random.split(key, 5)
-    model = maml.MLP(1, 1, config.hidden, key=init_key)
-    algo = algorithms.build_algorithm(config, model, maml.losses.mse, inner_steps=config.inner_steps, inner_lr=config.inner_lr,
-                                      outer_lr=config.outer_lr, iterations=config.iterations, first_order=config.first_order)
-    inner, strategy = algo.inner, algo.strategy
+    # A run that raises is finished as failed in wandb (not left open for the next run of this process).
+    with logger or contextlib.nullcontext():
+        key = jax.random.PRNGKey(config.seed)
+        init_key, train_key, base_key, eval_key, plot_key = jax.random.split(key, 5)
+        model = maml.MLP(1, 1, config.hidden, key=init_key)
+        algo = algorithms.build_algorithm(config, model, maml.losses.mse, inner_steps=config.inner_steps, inner_lr=config.inner_lr,
+                                          outer_lr=config.outer_lr, iterations=config.iterations, first_order=config.first_order)
+        inner, strategy = algo.inner, algo.strategy
 
-    start = time.perf_counter()
-    meta_model = train(algo.model, config, inner, strategy, optimizer=algo.optimizer, key=train_key, num_steps=config.iterations,
-                       checkpoint_dir=out / "checkpoints", desc="meta-train",
-                       on_chunk=logger.on_chunk if writer else None,
-                       diagnose=curvature_diagnostics(config, inner, eval_key) if config.curvature_every else None)
-    jax.block_until_ready(meta_model)
-    train_seconds = time.perf_counter() - start
-    # The paper's baseline: the same network regressing all tasks at once (no inner step in training).
-    baseline = train(model, config, maml.InnerLoop(maml.losses.mse, 0, config.inner_lr), maml.SecondOrder(), key=base_key,
-                     num_steps=config.baseline_iterations, checkpoint_dir=None, desc="baseline")
+        start = time.perf_counter()
+        meta_model = train(algo.model, config, inner, strategy, optimizer=algo.optimizer, key=train_key, num_steps=config.iterations,
+                           checkpoint_dir=out / "checkpoints", desc="meta-train",
+                           on_chunk=logger.on_chunk if writer else None,
+                           diagnose=curvature_diagnostics(config, inner, eval_key) if config.curvature_every else None)
+        jax.block_until_ready(meta_model)
+        train_seconds = time.perf_counter() - start
+        # The paper's baseline: the same network regressing all tasks at once (no inner step in training).
+        baseline = train(model, config, maml.InnerLoop(maml.losses.mse, 0, config.inner_lr), maml.SecondOrder(), key=base_key,
+                         num_steps=config.baseline_iterations, checkpoint_dir=None, desc="baseline")
 
-    tasks = sample_tasks(eval_key, config.eval_tasks, config.shots, config.eval_points)[0]
-    mse, mse_ci = evaluate(meta_model, config.inner_lr, config, tasks, inner, strategy)
-    base_mse, base_ci = evaluate(baseline, config.baseline_lr, config, tasks)
-    if writer:
-        plot_fits(out / "fits.png", {"MAML": (meta_model, config.inner_lr), "pretrained": (baseline, config.baseline_lr)},
-                  config, plot_key)
-    results = {
-        "mse": mse,
-        "mse_ci95": mse_ci,
-        "baseline_mse": base_mse,
-        "baseline_mse_ci95": base_ci,
-        "train_seconds": train_seconds,
-        "meta_iterations": config.iterations,
-        "params_sha256": maml.params_sha256(meta_model),
-        "config": cli.to_json(config),
-        "devices": [str(d) for d in jax.devices()],
-    }
-    if writer:
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        tracking.finish(logger, results, images=[out / "fits.png"])
-        print(json.dumps({k: results[k] for k in ("mse", "baseline_mse", "train_seconds", "params_sha256")}))
-    return results
+        tasks = sample_tasks(eval_key, config.eval_tasks, config.shots, config.eval_points)[0]
+        mse, mse_ci = evaluate(meta_model, config.inner_lr, config, tasks, inner, strategy)
+        base_mse, base_ci = evaluate(baseline, config.baseline_lr, config, tasks)
+        if writer:
+            plot_fits(out / "fits.png", {"MAML": (meta_model, config.inner_lr), "pretrained": (baseline, config.baseline_lr)},
+                      config, plot_key)
+        results = {
+            "mse": mse,
+            "mse_ci95": mse_ci,
+            "baseline_mse": base_mse,
+            "baseline_mse_ci95": base_ci,
+            "train_seconds": train_seconds,
+            "meta_iterations": config.iterations,
+            "params_sha256": maml.params_sha256(meta_model),
+            "config": cli.to_json(config),
+            "devices": [str(d) for d in jax.devices()],
+        }
+        if writer:
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+            tracking.finish(logger, results, images=[out / "fits.png"])
+            print(json.dumps({k: results[k] for k in ("mse", "baseline_mse", "train_seconds", "params_sha256")}))
+        return results
 
 
 if __name__ == "__main__":

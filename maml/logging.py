@@ -78,6 +78,19 @@ class AbstractLogger(abc.ABC):
         """`fit`'s `on_chunk` callback: the chunk's mean metrics as `train/NAME` at `step`."""
         self.log_scalars(step, chunk_scalars(metrics))
 
+    def __enter__(self) -> "AbstractLogger":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        """A run that raises is finished as failed (exit code 1, 130 for Ctrl-C, a SystemExit's code)."""
+        if exc_type is None:
+            return
+        if isinstance(exc, SystemExit):
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        else:
+            code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+        self.finish(exit_code=code)
+
 
 class ConsoleLogger(AbstractLogger):
     """Periodic lines on stdout (through tqdm, so `fit`'s progress bar stays intact)."""
@@ -153,10 +166,13 @@ class WandbLogger(AbstractLogger):
 
         if dir is not None:
             Path(dir).mkdir(parents=True, exist_ok=True)
-        settings = wandb.Settings(console="off", x_disable_stats=True, silent=True)
-        self.run = wandb.init(mode=mode, dir=None if dir is None else str(dir), settings=settings,
-                              **init_kwargs)
+        # create_new: never hand back another, still active run of this process (wandb's default does).
+        settings = wandb.Settings(console="off", x_disable_stats=True, silent=True, reinit="create_new")
+        # An absolute folder: wandb resolves a relative one later, against whatever the cwd is then.
+        self.run = wandb.init(mode=mode, dir=None if dir is None else str(Path(dir).resolve()),
+                              settings=settings, **init_kwargs)
         self._wandb = wandb
+        self._finished = False
 
     @property
     def run_dir(self) -> Path:
@@ -177,7 +193,11 @@ class WandbLogger(AbstractLogger):
         self.run.summary.update(dict(summary))
 
     def finish(self, exit_code: int = 0, timeout: float = 60.0) -> None:
-        """Finish the run; offline, wait (up to `timeout` s) until its file is complete on disk."""
+        """Finish the run (once; later calls do nothing); offline, wait (up to `timeout` s) until its file
+        is complete on disk."""
+        if self._finished:
+            return
+        self._finished = True
         offline = self.run.settings.mode == "offline"
         run_dir = self.run_dir
         self.run.finish(exit_code=exit_code)

@@ -178,6 +178,23 @@ def test_wandb_logger_offline_roundtrip(tmp_path):
     assert run.exit_code == 0
 
 
+def test_a_failing_run_is_finished_and_never_reused(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        with WandbLogger(mode="offline", dir=tmp_path / "a", project="p") as failed:
+            failed.log_scalars(1, {"loss": 1.0})
+            raise RuntimeError("boom")
+    assert read_offline_run(failed.run_dir).exit_code == 1
+    # wandb's default would hand an active run back to the next wandb.init; a logger owns its own run
+    active = WandbLogger(mode="offline", dir="relative", project="p")  # resolved against the cwd now
+    second = WandbLogger(mode="offline", dir=tmp_path / "b", project="p")
+    assert active.run.id != second.run.id and second.run_dir.parent.parent == tmp_path / "b"
+    assert active.run_dir.parent.parent == tmp_path / "relative"  # the autouse fixture's cwd
+    second.finish()
+    active.finish()
+    active.finish()  # finishing twice is harmless
+    assert read_offline_run(active.run_dir).exit_code == 0
+
+
 def test_reader_rejects_other_files(tmp_path):
     (tmp_path / "run-x.wandb").write_bytes(b"not a wandb file")
     with pytest.raises(ValueError, match="not a wandb run file"):
