@@ -19,6 +19,20 @@ def _indices(start: int | Int[Array, ""], num_tasks: int) -> Int[Array, " B"]:
     return start + jnp.arange(num_tasks, dtype=jnp.int32)
 
 
+def _task_uniforms(key: PRNGKeyArray, num_tasks: int, count: int, start: int | Int[Array, ""]) -> Float[Array, "B count"]:
+    """`count` U[0, 1) numbers per task; task i's come from `fold_in(key, i)` alone.
+
+    One batched fold-in and one batched draw (each a threefry hash, a loop on CPU): sampling stays a
+    small part of the sinusoid meta-step.
+    """
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(_indices(start, num_tasks))
+    return jax.vmap(lambda k: jax.random.uniform(k, (count,)))(keys)
+
+
+def _scale(u: Array, bounds: tuple[float, float]) -> Array:
+    return bounds[0] + (bounds[1] - bounds[0]) * u
+
+
 def sample_functions(
     key: PRNGKeyArray, num_tasks: int, start: int | Int[Array, ""] = 0
 ) -> tuple[Float[Array, " B"], Float[Array, " B"]]:
@@ -26,10 +40,8 @@ def sample_functions(
 
     Folding in the task index makes task i the same however a batch is split across devices.
     """
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(_indices(start, num_tasks))
-    amp = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0), (), minval=AMPLITUDE[0], maxval=AMPLITUDE[1]))(keys)
-    phase = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1), (), minval=PHASE[0], maxval=PHASE[1]))(keys)
-    return amp, phase
+    u = _task_uniforms(key, num_tasks, 2, start)
+    return _scale(u[:, 0], AMPLITUDE), _scale(u[:, 1], PHASE)
 
 
 def sine(amp: Float[Array, ""], phase: Float[Array, ""], x: Float[Array, "N 1"]) -> Float[Array, "N 1"]:
@@ -41,11 +53,12 @@ def sample_tasks(
 ) -> tuple[Task, Float[Array, " B"], Float[Array, " B"]]:
     """A batch of tasks: `support [B, shots, 1]`, `query [B, queries, 1]`; also their amplitudes and phases.
 
-    The batch holds tasks `start .. start+B-1` (B = `num_tasks`), task i drawn from `fold_in(key, i)`.
+    The batch holds tasks `start .. start+B-1` (B = `num_tasks`), task i drawn from `fold_in(key, i)`
+    (its amplitude and phase are those of `sample_functions`, whatever `shots` and `queries` are).
     """
-    amp, phase = sample_functions(key, num_tasks, start)
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, i), 2))(_indices(start, num_tasks))
-    x = jax.vmap(lambda k: jax.random.uniform(k, (shots + queries, 1), minval=X_RANGE[0], maxval=X_RANGE[1]))(keys)
+    u = _task_uniforms(key, num_tasks, 2 + shots + queries, start)
+    amp, phase = _scale(u[:, 0], AMPLITUDE), _scale(u[:, 1], PHASE)
+    x = _scale(u[:, 2:, None], X_RANGE)
     y = jax.vmap(sine)(amp, phase, x)
     task = Task(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
     return task, amp, phase

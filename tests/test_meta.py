@@ -37,11 +37,12 @@ def flat_grad(grads):
     return ravel_pytree(eqx.filter(grads, eqx.is_inexact_array))[0]
 
 
-@pytest.mark.parametrize("steps", [1, 3])
-def test_second_order_meta_gradient_matches_finite_differences(x64, steps):
+@pytest.mark.parametrize("steps, unroll", [(1, 4), (3, 4), (1, 0), (3, 0)])
+def test_second_order_meta_gradient_matches_finite_differences(x64, steps, unroll):
+    """Both forms of the inner loop: traced straight-line (steps <= unroll) and `lax.scan` (unroll=0)."""
     model = tiny_mlp(jax.random.PRNGKey(0))
     task = jax.tree.map(lambda a: a[0], sine_tasks(jax.random.PRNGKey(1)))
-    inner = maml.InnerLoop(maml.losses.mse, steps, 0.05)
+    inner = maml.InnerLoop(maml.losses.mse, steps, 0.05, unroll=unroll)
     f = jax.jit(lambda m: maml.meta_loss(m, task, inner))
     g = flat_grad(eqx.filter_grad(f)(model))
     g_fd = fd_grad(f, model)
@@ -61,6 +62,21 @@ def test_first_order_is_query_gradient_at_adapted_parameters(x64, steps):
     adapted = inner.adapt(model, task.support_x, task.support_y)[0]
     closed = eqx.filter_grad(lambda m: maml.losses.mse(m, task.query_x, task.query_y))(adapted)
     np.testing.assert_allclose(flat_grad(g_fo), flat_grad(closed), rtol=1e-12, atol=1e-14)
+
+
+def test_unrolled_and_scanned_inner_loops_agree(x64):
+    model = tiny_mlp(jax.random.PRNGKey(4))
+    task = jax.tree.map(lambda a: a[0], sine_tasks(jax.random.PRNGKey(5)))
+    results = []
+    for unroll in (0, 5):
+        inner = maml.InnerLoop(maml.losses.mse, 5, 0.05, unroll=unroll)
+        loss, aux = maml.meta_loss_and_aux(model, task, inner)
+        results.append((loss, aux["support_losses"], flat_grad(eqx.filter_grad(lambda m: maml.meta_loss(m, task, inner))(model))))
+        kinds = {e.primitive.name for e in jax.make_jaxpr(lambda m: maml.meta_loss(m, task, inner))(model).eqns}
+        assert ("scan" in kinds) == (unroll == 0), kinds
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    assert results[0][1].shape == (5,)
 
 
 def test_vmap_of_grad_equals_grad_of_vmap_and_batchings_agree(x64):
@@ -143,6 +159,7 @@ def test_task_shape_errors():
     ({"steps": 1.5, "lr": 0.1}, r"steps=1.5; expected an integer >= 0"),
     ({"steps": 1, "lr": 0.0}, r"lr=0.0; expected a positive number"),
     ({"steps": 1, "lr": -0.01}, r"lr=-0.01; expected a positive number"),
+    ({"steps": 1, "lr": 0.1, "unroll": -1}, r"unroll=-1; expected an integer >= 0"),
 ])
 def test_inner_loop_rejects_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
