@@ -18,10 +18,12 @@ from .workloads import Workload
 
 
 def default_batching(w: Workload) -> maml.AbstractBatching:
-    """The fastest batching we measured for the workload on CPU (see benchmarks/RESULTS.md)."""
+    """The fastest batching we measured for the workload on CPU (see benchmarks/RESULTS.md): `Vmap` for
+    the MLP; `Map` (one task at a time) for Conv4: 1.8x the tasks per CPU-second of `Vmap` at meta-batch
+    32 and 171 MB peak instead of 4.8 GB."""
     if w.model == "mlp":
         return maml.Vmap()
-    return maml.Vmap()
+    return maml.Map()
 
 
 def build_model(w: Workload, key=None):

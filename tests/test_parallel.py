@@ -189,9 +189,10 @@ def test_sinusoid_sample_range_is_a_slice_of_the_batch():
     from data.sinusoid import SinusoidTasks
 
     sampler, key = SinusoidTasks(8, SHOTS, 3), jax.random.PRNGKey(3)
-    full, part = sampler(key), jax.jit(sampler.sample_range, static_argnums=2)(key, jnp.int32(4), 4)
-    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(part)):
-        np.testing.assert_array_equal(np.asarray(a)[4:8], np.asarray(b))
+    full, part = jax.jit(sampler)(key), jax.jit(sampler.sample_range, static_argnums=2)(key, jnp.int32(4), 4)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(part)):  # the same tasks (to float32 rounding:
+        np.testing.assert_allclose(np.asarray(a)[4:8], np.asarray(b), rtol=1e-6, atol=1e-6)  # XLA fuses sin)
+    assert not np.allclose(np.asarray(full.support_x)[:4], np.asarray(part.support_x), atol=1e-3)
 
 
 def test_replicate_and_to_local():
