@@ -3,6 +3,8 @@ new classes (each character x 4 rotations is a class), as in the MAML paper's Om
 
 Pure JAX: a whole batch of tasks comes from one key inside the jitted step (task i from
 `fold_in(key, i)`), with the split on the device as `uint8 [C, D, 28, 28]`; no Python loop per task.
+`EpisodeSampler.sample_range` draws a slice of that batch, so `maml.parallel` can split it across devices
+(each device draws its own tasks, the same ones whatever the split).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray, UInt8
+from jaxtyping import Array, Float, Int, PRNGKeyArray, UInt8
 
 from maml import Task
 
@@ -77,8 +79,10 @@ def sample_episodes(
     queries: int,
     num_tasks: int,
     rotate: bool = True,
+    start: int | Int[Array, ""] = 0,
 ) -> Task:
-    """A batch of `num_tasks` episodes (leading task axis B); task i is `sample_episode(fold_in(key, i))`.
+    """A batch of `num_tasks` episodes (leading task axis B): tasks `start .. start+B-1`, task i being
+    `sample_episode(fold_in(key, i))` (`start` may be a traced int32 scalar).
 
     `support_x float32 [B, N*K, H, W, 1]`, `support_y int32 [B, N*K]`, `query_x [B, N*Q, H, W, 1]`,
     `query_y int32 [B, N*Q]`.
@@ -86,7 +90,7 @@ def sample_episodes(
     check_episode_args(tuple(images.shape), ways, shots, queries, rotate)
     if not isinstance(num_tasks, (int, np.integer)) or num_tasks < 1:
         raise ValueError(f"episodes: num_tasks={num_tasks!r}; expected an integer >= 1")
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_tasks))
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(num_tasks, dtype=jnp.int32))
     return jax.vmap(lambda k: sample_episode(k, images, ways, shots, queries, rotate))(keys)
 
 
@@ -94,7 +98,8 @@ class EpisodeSampler(eqx.Module):
     """`key -> Task` batch sampler over one split held on the device (for `maml.with_task_sampler`).
 
     A module, so the images are a pytree leaf: pass the sampler into a jitted function as an argument
-    to keep the split out of the compiled program's constants.
+    to keep the split out of the compiled program's constants. Follows `maml.parallel`'s sampler
+    protocol (`num_tasks`, `sample_range`), so the parallel steps can split its batch across devices.
     """
 
     images: UInt8[Array, "C D H W"]
@@ -116,6 +121,10 @@ class EpisodeSampler(eqx.Module):
 
     def __call__(self, key: PRNGKeyArray) -> Task:
         return sample_episodes(key, self.images, self.ways, self.shots, self.queries, self.num_tasks, self.rotate)
+
+    def sample_range(self, key: PRNGKeyArray, start: int | Int[Array, ""], count: int) -> Task:
+        """Tasks `start .. start+count-1` of the batch `self(key)` draws (leading axis `count`, a static int)."""
+        return sample_episodes(key, self.images, self.ways, self.shots, self.queries, count, self.rotate, start)
 
 
 def episode_sampler(

@@ -22,10 +22,19 @@ resumed run ends with the same parameters as an uninterrupted one. `--max-minute
 first validation past the budget; results.json then records the iterations reached, and `--iterations N`
 with that N reproduces the run exactly. Expected (paper, full background set, 60,000 iterations): 98.7%
 5-way 1-shot. On 2 CPU cores see benchmarks/RESULTS.md.
+
+The same mixins as experiments/sinusoid.py: `--algorithm {maml,fomaml,anil,metasgd,mamlpp,reptile,imaml}`
+and their options (experiments/algorithms.py; `--first-order` turns maml into fomaml; validation and test
+adapt as the algorithm does: ANIL's head only, Meta-SGD / LSLR learned rates, iMAML's proximal term;
+`--mamlpp-per-step-bn` uses `maml.PerStepConv4`), `--devices` / `--coordinator` / `--num-processes` /
+`--process-id` (experiments/runtime.py: the task batch split across devices, `--meta-batch` a multiple of
+them; only process 0 writes), and `--wandb ...` (experiments/tracking.py: config, `train/meta_loss`,
+`val/accuracy` and `val/ci95` at each validation, test metrics, results.json as the run summary).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -42,7 +51,7 @@ from tqdm.auto import tqdm
 import maml
 from data.episodes import EpisodeSampler, check_episode_args, episode_sampler
 from data.omniglot import IMAGE_SIZE, IMAGES_PER_CHARACTER, MINIMAL_TEST_ALPHABETS, load_omniglot, split_by_alphabet
-from experiments import cli
+from experiments import algorithms, cli, runtime, tracking
 
 DEFAULT_CACHE = Path.home() / ".cache" / "maml_jax" / "tfds"
 EVAL_BLOCK = 100  # tasks drawn and evaluated per compiled call (task i of block b: fold_in(fold_in(key, b), i))
@@ -62,7 +71,7 @@ def batchings() -> dict[str, type]:
 
 
 @dataclass(frozen=True)
-class OmniglotConfig:
+class OmniglotConfig(tracking.Tracking, runtime.RuntimeConfig, algorithms.AlgorithmConfig):
     """MAML on Omniglot (Finn et al. 2017); defaults are the paper's setup (see the module docstring)."""
 
     data_dir: Optional[str] = _f(None, "folder holding the Omniglot zips under their original names (required)")
@@ -114,11 +123,12 @@ class OmniglotConfig:
         for name in ("inner_steps", "eval_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{cli.field_flag(name)}={getattr(self, name)}; expected an integer >= 1")
+        super().__post_init__()  # the mixins' checks (algorithm, runtime)
 
 
 # Fields that may change between a run and its resumption (they do not change training).
 RESUMABLE = ("iterations", "max_minutes", "progress", "out", "cache_dir", "download", "val_tasks", "eval_tasks",
-             "eval_steps")
+             "eval_steps") + tracking.FIELDS + runtime.RUNTIME_FIELDS
 
 
 class _OutOfTime(Exception):
@@ -126,21 +136,43 @@ class _OutOfTime(Exception):
 
 
 def make_model(config: OmniglotConfig, key: jax.Array) -> maml.Conv4:
+    """Conv4; with `--algorithm mamlpp --mamlpp-per-step-bn`, `maml.PerStepConv4` (same initial weights)
+    with one row of batch-norm scale and offset per training inner step, as MAML++ does: step k's support
+    loss and the query loss after it use row k, so a row K would never be trained; evaluation with more
+    steps than training (`--eval-steps` > `--inner-steps`) keeps using the last trained row."""
+    if config.algorithm == "mamlpp" and config.mamlpp_per_step_bn:
+        return maml.PerStepConv4(1, config.ways, config.filters, IMAGE_SIZE, steps=config.inner_steps, key=key)
     return maml.Conv4(1, config.ways, config.filters, IMAGE_SIZE, key=key)
 
 
+def make_algorithm(config: OmniglotConfig, key: jax.Array) -> algorithms.Algorithm:
+    """`config.algorithm`'s model (wrapped for learned rates), inner loop, strategy and outer optimiser."""
+    return algorithms.build_algorithm(config, make_model(config, key), maml.losses.cross_entropy,
+                                      inner_steps=config.inner_steps, inner_lr=config.inner_lr,
+                                      outer_lr=config.outer_lr, iterations=config.iterations,
+                                      first_order=config.first_order)
+
+
 def make_optimizer(config: OmniglotConfig) -> optax.GradientTransformation:
-    return optax.adam(config.outer_lr)
+    """The algorithm's outer optimiser (Adam; MAML++'s cosine schedule; Reptile's annealed SGD)."""
+    return make_algorithm(config, jax.random.PRNGKey(config.seed)).optimizer
 
 
 def make_inner(config: OmniglotConfig, steps: int) -> maml.InnerLoop:
-    return maml.InnerLoop(maml.losses.cross_entropy, steps, config.inner_lr)
+    """The algorithm's inner loop (ANIL: head only) with `steps` steps."""
+    return make_algorithm(config, jax.random.PRNGKey(config.seed)).inner.with_steps(steps)
+
+
+def setup(config: OmniglotConfig) -> tuple[algorithms.Algorithm, maml.MetaTrainState, jax.Array]:
+    """The algorithm, the untrained state (also the structure checkpoints load into) and the key for evaluation."""
+    init_key, train_key, eval_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+    algo = make_algorithm(config, init_key)
+    return algo, maml.init_state(algo.model, algo.optimizer, train_key), eval_key
 
 
 def initial_state(config: OmniglotConfig) -> tuple[maml.MetaTrainState, jax.Array]:
     """The untrained state (also the structure checkpoints load into) and the key for evaluation."""
-    init_key, train_key, eval_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-    return maml.init_state(make_model(config, init_key), make_optimizer(config), train_key), eval_key
+    return setup(config)[1:]
 
 
 def resolve_test_alphabets(data: dict[str, np.ndarray], names: Sequence[str]) -> tuple[str, ...]:
@@ -171,23 +203,27 @@ _draw = eqx.filter_jit(lambda sampler, key: sampler(key))  # the sampler (with i
 
 
 @eqx.filter_jit
-def _accuracies(model, tasks: maml.Task, inner: maml.InnerLoop) -> jax.Array:
-    """Query accuracy after `inner` adapts `model` to each task (`lax.map`: one task at a time)."""
+def _accuracies(model, tasks: maml.Task, inner: maml.InnerLoop, strategy: maml.AbstractStrategy) -> jax.Array:
+    """Query accuracy after `inner` adapts `model` to each task as `strategy` does (learned rates, ANIL's
+    filter, iMAML's proximal term; per-step networks at the last step), `lax.map`: one task at a time."""
 
     def one(task: maml.Task) -> jax.Array:
-        adapted = inner.adapt(model, task.support_x, task.support_y)[0]
-        return maml.losses.accuracy(adapted, task.query_x, task.query_y)
+        adapted = strategy.adapt(inner, model, task.support_x, task.support_y).model
+        net = maml.network(adapted, max(inner.steps - 1, 0))  # what the query loss sees after adapting
+        return maml.losses.accuracy(net, task.query_x, task.query_y)
 
     return jax.lax.map(one, tasks)
 
 
 def task_accuracies(model, images: np.ndarray | jax.Array, config: OmniglotConfig, key: jax.Array,
-                    num_tasks: int) -> np.ndarray:
-    """Per-task query accuracy on `num_tasks` tasks drawn from `images` (depends only on key and count)."""
+                    num_tasks: int, inner: Optional[maml.InnerLoop] = None,
+                    strategy: maml.AbstractStrategy = maml.SecondOrder()) -> np.ndarray:
+    """Per-task query accuracy on `num_tasks` tasks drawn from `images` (depends only on key and count),
+    adapting with `inner` (default: the algorithm's inner loop) for `--eval-steps` steps as `strategy` does."""
     block = min(EVAL_BLOCK, num_tasks)
     sampler = episode_sampler(images, config.ways, config.shots, config.queries, block)
-    inner = make_inner(config, config.eval_steps)
-    parts = [np.asarray(_accuracies(model, _draw(sampler, jax.random.fold_in(key, b)), inner))
+    inner = (inner if inner is not None else make_inner(config, config.eval_steps)).with_steps(config.eval_steps)
+    parts = [np.asarray(_accuracies(model, _draw(sampler, jax.random.fold_in(key, b)), inner, strategy))
              for b in range(math.ceil(num_tasks / block))]
     return np.concatenate(parts)[:num_tasks]
 
@@ -198,8 +234,30 @@ def mean_ci95(values: np.ndarray) -> tuple[float, float]:
     return float(np.mean(values)), 1.96 * std / math.sqrt(len(values))
 
 
+def _latest_state(like: maml.MetaTrainState, ckpt_dir: Path) -> maml.MetaTrainState:
+    """The newest checkpoint's state in this process (process 0 reads it, the others get it broadcast)."""
+    if jax.process_count() > 1:
+        return runtime.resume(like, ckpt_dir)[0]
+    return maml.latest_checkpoint(ckpt_dir, like)[1]
+
+
+def _process0(flag: bool) -> bool:
+    """`flag` of process 0, on every process (a decision all of them must take together)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    config = cli.parse(OmniglotConfig, argv)
+    config = tracking.prepare(cli.parse(OmniglotConfig, argv))
+    runtime.initialize(config)
+    writer = runtime.is_writer()  # only process 0 writes checkpoints, results and logs
+    # Everything that can reject the settings runs before anything is written (data cache included).
+    algo, state, eval_key = setup(config)
+    step = runtime.train_step(config, algo.optimizer, algo.inner, strategy=algo.strategy,
+                              batching=batchings()[config.batching](), meta_batch=config.meta_batch)
     cache = Path(config.cache_dir) if config.cache_dir else DEFAULT_CACHE
     data = load_omniglot(config.data_dir, cache, download=config.download)
     train_images, val_images, test_images, test_names = split_data(config, data)
@@ -214,72 +272,85 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 check_episode_args(images.shape, config.ways, config.shots, config.queries, rotate=True)
             except ValueError as e:
                 raise ValueError(f"{name} alphabets: {e}") from None
-    out = cli.prepare_out(config.out, config, ignore=RESUMABLE)
+    out = cli.prepare_out(config.out, config, ignore=RESUMABLE) if writer else Path(config.out)
     ckpt_dir = out / "checkpoints"
+    # On the console: about one line per validation (fit's chunks are short: --steps-per-call).
+    chunks = -(-config.val_every // min(config.steps_per_call, config.val_every))
+    logger = tracking.start(config, out, job="omniglot", console_every=chunks + 1) if writer else None
+    # A run that raises is finished as failed in wandb (not left open for the next run of this process).
+    with logger or contextlib.nullcontext():
+        initial = state
+        val_key, test_key = jax.random.split(eval_key)
+        val_source = val_images if val_images is not None else sampler.images
+        eval_inner = algo.inner.with_steps(config.eval_steps)  # adapts as the algorithm does, --eval-steps steps
+        start = time.perf_counter()
+        deadline = start + 60 * config.max_minutes if config.max_minutes else None
+        losses: list[float] = []
+        val_seconds = [0.0]
 
-    state, eval_key = initial_state(config)
-    val_key, test_key = jax.random.split(eval_key)
-    val_source = val_images if val_images is not None else sampler.images
-    optimizer = make_optimizer(config)
-    strategy = maml.FirstOrder() if config.first_order else maml.SecondOrder()
-    batching = batchings()[config.batching]()
-    step = maml.with_task_sampler(maml.make_train_step(optimizer, make_inner(config, config.inner_steps),
-                                                       strategy=strategy, batching=batching))
-    start = time.perf_counter()
-    deadline = start + 60 * config.max_minutes if config.max_minutes else None
-    losses: list[float] = []
-    val_seconds = [0.0]
+        def on_chunk(done: int, metrics: dict) -> None:
+            if logger is not None:
+                logger.on_chunk(done, metrics)  # train/meta_loss
+            losses.extend(np.ravel(metrics["meta_loss"]).tolist())
+            if done % config.val_every and done != config.iterations:
+                return
+            if writer:  # validation is monitoring only: process 0 reads the checkpoint fit has just saved
+                val_start = time.perf_counter()
+                model = maml.latest_checkpoint(ckpt_dir, initial)[1].model
+                acc, ci = mean_ci95(task_accuracies(model, val_source, config, val_key, config.val_tasks,
+                                                    eval_inner, algo.strategy))
+                train_loss = float(np.mean(losses)) if losses else None
+                entry = {"step": done, "val_accuracy": acc, "val_accuracy_ci95": ci, "train_loss": train_loss,
+                         "seconds": time.perf_counter() - start}
+                with open(out / "validation.jsonl", "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+                if config.progress:
+                    tqdm.write(f"step {done}: validation accuracy {acc:.3f} ± {ci:.3f}")
+                logger.log_scalars(done, {k: v for k, v in {"val/accuracy": acc, "val/ci95": ci}.items()
+                                          if math.isfinite(v)})  # (the CI is NaN for a single task)
+                val_seconds[0] += time.perf_counter() - val_start
+            losses.clear()
+            late = deadline is not None and time.perf_counter() > deadline and done < config.iterations
+            if _process0(late):
+                raise _OutOfTime
 
-    def on_chunk(done: int, metrics: dict) -> None:
-        losses.extend(np.ravel(metrics["meta_loss"]).tolist())
-        if done % config.val_every and done != config.iterations:
-            return
-        val_start = time.perf_counter()
-        model = maml.latest_checkpoint(ckpt_dir, state)[1].model  # fit has just saved step `done`
-        acc, ci = mean_ci95(task_accuracies(model, val_source, config, val_key, config.val_tasks))
-        entry = {"step": done, "val_accuracy": acc, "val_accuracy_ci95": ci,
-                 "train_loss": float(np.mean(losses)) if losses else None, "seconds": time.perf_counter() - start}
-        losses.clear()
-        with open(out / "validation.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
-        if config.progress:
-            tqdm.write(f"step {done}: validation accuracy {acc:.3f} ± {ci:.3f}")
-        val_seconds[0] += time.perf_counter() - val_start
-        if deadline is not None and time.perf_counter() > deadline and done < config.iterations:
-            raise _OutOfTime
+        stopped_by = "iterations"
+        state, fit_dir = runtime.resume(state, ckpt_dir)
+        try:
+            state = maml.fit(state, step, sampler, num_steps=config.iterations,
+                             steps_per_call=min(config.steps_per_call, config.iterations), checkpoint_dir=fit_dir,
+                             checkpoint_every=config.val_every, on_chunk=on_chunk,
+                             progress=config.progress and writer)
+        except _OutOfTime:
+            stopped_by = "max_minutes"
+            state = _latest_state(initial, ckpt_dir)
+        model = maml.parallel.to_local(state.model)  # replicated over devices -> this process's own copy
+        jax.block_until_ready(model)
+        train_seconds = time.perf_counter() - start - val_seconds[0]  # compile included, validation not
 
-    stopped_by = "iterations"
-    try:
-        state = maml.fit(state, step, sampler, num_steps=config.iterations,
-                         steps_per_call=min(config.steps_per_call, config.iterations), checkpoint_dir=ckpt_dir,
-                         checkpoint_every=config.val_every, on_chunk=on_chunk, progress=config.progress)
-    except _OutOfTime:
-        stopped_by = "max_minutes"
-        state = maml.latest_checkpoint(ckpt_dir, state)[1]
-    jax.block_until_ready(state)
-    train_seconds = time.perf_counter() - start - val_seconds[0]  # compile included, validation not
-
-    accs = task_accuracies(state.model, test_images, config, test_key, config.eval_tasks)
-    acc, ci = mean_ci95(accs)
-    results = {
-        "test_accuracy": acc,
-        "test_accuracy_ci95": ci,
-        "test_tasks": int(len(accs)),
-        "params_sha256": maml.params_sha256(state.model),
-        "meta_iterations": int(state.step),
-        "stopped_by": stopped_by,
-        "train_seconds_this_run": train_seconds,
-        "validation_seconds_this_run": val_seconds[0],
-        "test_alphabets": list(test_names),
-        "characters": {"train": len(train_images), "validation": 0 if val_images is None else len(val_images),
-                       "test": len(test_images)},
-        "config": cli.to_json(config),
-        "devices": [str(d) for d in jax.devices()],
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: results[k] for k in ("test_accuracy", "test_accuracy_ci95", "test_tasks",
-                                              "meta_iterations", "params_sha256")}))
-    return results
+        accs = task_accuracies(model, test_images, config, test_key, config.eval_tasks, eval_inner, algo.strategy)
+        acc, ci = mean_ci95(accs)
+        results = {
+            "test_accuracy": acc,
+            "test_accuracy_ci95": ci,
+            "test_tasks": int(len(accs)),
+            "params_sha256": maml.params_sha256(model),
+            "meta_iterations": int(state.step),
+            "stopped_by": stopped_by,
+            "train_seconds_this_run": train_seconds,
+            "validation_seconds_this_run": val_seconds[0],
+            "test_alphabets": list(test_names),
+            "characters": {"train": len(train_images), "validation": 0 if val_images is None else len(val_images),
+                           "test": len(test_images)},
+            "config": cli.to_json(config),
+            "devices": [str(d) for d in jax.devices()],
+        }
+        if writer:
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+            tracking.finish(logger, results)
+            print(json.dumps({k: results[k] for k in ("test_accuracy", "test_accuracy_ci95", "test_tasks",
+                                                      "meta_iterations", "params_sha256")}))
+        return results
 
 
 if __name__ == "__main__":

@@ -148,23 +148,25 @@ def train_step(
     inner: maml.InnerLoop,
     *,
     strategy: maml.AbstractStrategy = maml.SecondOrder(),
+    batching: maml.AbstractBatching = maml.Vmap(),
     meta_batch: int,
 ) -> SampledStep:
     """The sampling step `(state, sampler) -> (state, metrics)` for this run's devices.
 
     One device: `maml.with_task_sampler(maml.make_train_step(...))`, unchanged. Several: the sharded
-    data-parallel step; ValueError naming `--meta-batch` when the batch does not divide among them.
+    data-parallel step, each device mapping its own tasks with `batching` (the sampler must follow
+    `maml.parallel`'s protocol); ValueError naming `--meta-batch` when the batch does not divide among them.
     """
     n = num_devices(config)
     if n == 1:
-        return maml.with_task_sampler(maml.make_train_step(optimizer, inner, strategy=strategy))
+        return maml.with_task_sampler(maml.make_train_step(optimizer, inner, strategy=strategy, batching=batching))
     if meta_batch % n:
         raise ValueError(
             f"--meta-batch={meta_batch} does not divide evenly across {n} devices "
             f"({n // jax.process_count()} per process x {jax.process_count()} processes); "
             "change --meta-batch or --devices"
         )
-    return maml.parallel.sharded_train_step(optimizer, inner, strategy=strategy, num_devices=n)
+    return maml.parallel.sharded_train_step(optimizer, inner, strategy=strategy, batching=batching, num_devices=n)
 
 
 def resume(state: MetaTrainState, checkpoint_dir: Optional[Path]) -> tuple[MetaTrainState, Optional[Path]]:

@@ -26,7 +26,7 @@ from .meta import (
 )
 from . import layers
 from . import parallel
-from .models import MLP, AbstractBatchModel, Conv4, apply
+from .models import MLP, AbstractBatchModel, Conv4, PerStepConv4, apply
 from .strategies import AbstractStrategy, Adaptation, FirstOrder, SecondOrder
 from .tasks import Task, check_batch
 from .training import fit
@@ -54,6 +54,7 @@ __all__ = [
     "AbstractBatching",
     "AbstractStrategy",
     "Conv4",
+    "PerStepConv4",
     "ConsoleLogger",
     "FirstOrder",
     "InnerLoop",

@@ -1,4 +1,5 @@
-"""Equinox models. Per-example models (`MLP`) take one example and callers vmap; `apply` does it."""
+"""Equinox models. Per-example models (`MLP`) take one example and callers vmap; `apply` does it.
+`PerStepConv4` is `Conv4` with MAML++ per-step batch norm (a `maml.AbstractPerStepModel`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
+
+from .inner import AbstractPerStepModel
 
 
 class MLP(eqx.Module):
@@ -139,3 +142,54 @@ class Conv4(AbstractBatchModel):
                 "expected images of the image_size the model was built with"
             )
         return x @ self.head_weight + self.head_bias
+
+
+class PerStepConv4(Conv4, AbstractPerStepModel):
+    """`Conv4` with MAML++ per-step batch norm (Antoniou et al. 2019): each block's batch-norm scale and
+    offset are `[S, filters]`, one row per inner step (S = `steps`, e.g. the inner steps + 1), and inner
+    step k (its support loss, and the query loss after it) uses row k, clamped to the last row past S.
+
+    `at_step(k)` is the network at step k: the same module with `[filters]` rows (the losses see it
+    through `maml.network`). Calling the per-step model itself uses step 0. Convolutions and the head are
+    shared by all steps; statistics are the batch's own, as in `Conv4` (so they are per step already).
+    Built with the same key as a `Conv4`, it starts from that `Conv4`'s weights (every row the same).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 5,
+        filters: int = 64,
+        image_size: int = 28,
+        *,
+        steps: int,
+        conv_impl: str | Sequence[str] = "auto",
+        key: PRNGKeyArray,
+    ):
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"PerStepConv4: steps={steps!r}; expected an integer >= 1 (rows of per-step batch norm)")
+        super().__init__(in_channels, num_classes, filters, image_size, conv_impl=conv_impl, key=key)
+        self.bn_scales = tuple(jnp.tile(s, (steps, 1)) for s in self.bn_scales)
+        self.bn_offsets = tuple(jnp.tile(o, (steps, 1)) for o in self.bn_offsets)
+
+    @property
+    def per_step(self) -> bool:
+        """Whether this holds every step's rows `[S, filters]` (False for an `at_step` view)."""
+        return self.bn_scales[0].ndim == 2
+
+    @property
+    def steps(self) -> int:
+        """S, the rows of per-step batch-norm parameters."""
+        return self.bn_scales[0].shape[0] if self.per_step else 1
+
+    def at_step(self, step) -> "PerStepConv4":
+        if not self.per_step:
+            return self
+        k = jnp.clip(jnp.asarray(step, jnp.int32), 0, self.steps - 1)
+        rows = lambda arrays: tuple(a[k] for a in arrays)
+        return eqx.tree_at(lambda m: (m.bn_scales, m.bn_offsets), self, (rows(self.bn_scales), rows(self.bn_offsets)))
+
+    def __call__(self, x: Float[Array, "N H W C"]) -> Float[Array, "N classes"]:
+        if self.per_step:
+            return self.at_step(0)(x)
+        return super().__call__(x)

@@ -81,6 +81,21 @@ def test_task_i_comes_from_fold_in(coded_images, batch):
     assert not np.array_equal(other.support_x, batch.support_x)
 
 
+def test_sample_range_halves_make_the_whole_batch(coded_images, batch):
+    """`maml.parallel`'s sampler protocol: two halves drawn separately (a traced start, as on each device)
+    are the whole batch, task for task."""
+    sampler = episode_sampler(coded_images, WAYS, SHOTS, QUERIES, TASKS)
+    assert sampler.num_tasks == TASKS
+    half = TASKS // 2
+    part = eqx.filter_jit(lambda s, k, start: s.sample_range(k, start, half))
+    key = jax.random.key(0)
+    halves = [part(sampler, key, jnp.int32(start)) for start in (0, half)]
+    for whole, first, second in zip(jax.tree.leaves(batch), *(jax.tree.leaves(h) for h in halves)):
+        assert first.shape[0] == second.shape[0] == half
+        np.testing.assert_array_equal(np.concatenate([first, second]), whole)
+    assert not np.array_equal(halves[0].support_x, halves[1].support_x)
+
+
 def test_without_rotations_and_inside_a_scan(coded_images):
     sampler = episode_sampler(coded_images, CHARS, 1, 19, 3, rotate=False)
 

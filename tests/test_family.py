@@ -190,6 +190,48 @@ def test_per_step_batch_norm_fd(x64):
     assert bool(jnp.all(used[:STEPS] > 0)) and float(used[STEPS]) == 0.0  # step k's row, k < K only
 
 
+@pytest.mark.slow  # compiling a second-order Conv4 meta-gradient in float64: ~1-1.5 min on 2 busy cores
+def test_per_step_conv4_fd(x64):
+    """`maml.PerStepConv4` (MAML++ per-step batch norm on Conv4) under LSLR, as `--algorithm mamlpp
+    --mamlpp-per-step-bn` builds it: the second-order meta-gradient against finite differences; step k's
+    support and query losses use row k; at_step views and step 0 match a Conv4 with those rows."""
+    from experiments.algorithms import AlgorithmConfig, build_algorithm
+
+    key = jax.random.PRNGKey(14)
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    net = maml.PerStepConv4(1, 3, 2, 16, steps=STEPS + 1, key=k1)
+    assert net.steps == STEPS + 1 and net.bn_scales[0].shape == (STEPS + 1, 2)
+    # distinct rows, so that using the wrong step's row would show
+    net = eqx.tree_at(lambda m: (m.bn_scales, m.bn_offsets), net, (
+        tuple(s + 0.2 * jax.random.normal(jax.random.fold_in(k2, i), s.shape) for i, s in enumerate(net.bn_scales)),
+        tuple(0.1 * jax.random.normal(jax.random.fold_in(k3, i), o.shape) for i, o in enumerate(net.bn_offsets))))
+    x = jax.random.uniform(k4, (12, 16, 16, 1))
+    y = jnp.arange(12, dtype=jnp.int32) % 3
+    task = maml.Task(x[:6], y[:6], x[6:], y[6:])
+    plain = maml.Conv4(1, 3, 2, 16, key=k1)
+    steps = (0, 1, STEPS, STEPS + 3)  # past the last row: clamped
+
+    def views(n, p):
+        with_rows = lambda r: eqx.tree_at(lambda m: (m.bn_scales, m.bn_offsets), p, (
+            tuple(s[r] for s in n.bn_scales), tuple(o[r] for o in n.bn_offsets)))
+        return [maml.network(n, jnp.int32(k))(x) for k in steps], [with_rows(min(k, STEPS))(x) for k in steps], n(x)
+
+    got, want, called = _jit(views)(net, plain)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    np.testing.assert_allclose(called, want[0], rtol=1e-12)
+
+    algo = build_algorithm(AlgorithmConfig("mamlpp", mamlpp_per_step_bn=True, mamlpp_msl=False), net,
+                           maml.losses.cross_entropy, inner_steps=STEPS, inner_lr=LR, outer_lr=1e-3, iterations=10)
+    assert isinstance(algo.model, maml.LearnedLR) and isinstance(algo.model.model, maml.PerStepConv4)
+    inner = algo.inner
+    g, _ = _fd_check(lambda m: maml.meta_loss(m, task, inner), algo.model, _grad_fn(task, inner, algo.strategy), key,
+                     num=2, rtol=1e-5)
+    for scale, offset in zip(g.model.bn_scales, g.model.bn_offsets):
+        used = jnp.abs(scale).sum(axis=1) + jnp.abs(offset).sum(axis=1)
+        assert bool(jnp.all(used[:STEPS] > 0)) and float(used[STEPS]) == 0.0  # step k's row, k < K only
+
+
 def test_reptile_relations(x64):
     key = jax.random.PRNGKey(7)
     model, task = _mlp(key), _task(key)

@@ -245,6 +245,39 @@ def test_sinusoid_offline_run_reads_back(tmp_path, monkeypatch):
     assert any(f.startswith("media/images/fits_") for f in run.files)
 
 
+@pytest.mark.slow
+def test_omniglot_offline_run_reads_back(tmp_path, monkeypatch, shared_data, tmp_path_factory):
+    """experiments.omniglot with --wandb offline: config, training curve, val/accuracy at each validation
+    (as in validation.jsonl) and results.json as the summary, read back from the offline run file."""
+    from experiments import omniglot
+
+    zips = shared_data / "omniglot"
+    if not (zips / "images_background_small1.zip").is_file():
+        pytest.skip(f"real data not available: {zips} lacks the minimal Omniglot zips")
+    out = tmp_path / "omni"
+    results = omniglot.main([
+        "--data-dir", str(zips), "--cache-dir", str(tmp_path_factory.getbasetemp() / "omniglot_tfds"),
+        "--filters", "4", "--meta-batch", "2", "--queries", "2", "--iterations", "4", "--steps-per-call", "2",
+        "--val-every", "2", "--val-tasks", "3", "--eval-tasks", "3", "--eval-steps", "1", "--no-progress",
+        "--out", str(out), "--wandb", "offline", "--wandb-group", "tests"])
+
+    (run_dir,) = find_offline_runs(out / "wandb")
+    run = read_offline_run(run_dir)
+    assert run.exit_code == 0 and run.group == "tests" and run.job_type == "omniglot"
+    assert run.config == json.loads((out / "config.json").read_text())
+    assert run.config["iterations"] == 4 and run.config["wandb"] == "offline" and run.config["algorithm"] == "maml"
+    assert [s for s, _ in run.scalars("train/meta_loss")] == [2, 4]
+    validations = [json.loads(line) for line in (out / "validation.jsonl").read_text().splitlines()]
+    assert run.scalars("val/accuracy") == [(v["step"], v["val_accuracy"]) for v in validations]
+    assert run.scalars("val/ci95") == [(v["step"], v["val_accuracy_ci95"]) for v in validations]
+    assert [s for s, _ in run.scalars("val/accuracy")] == [2, 4]
+    saved = json.loads((out / "results.json").read_text())
+    assert {k: run.summary[k] for k in saved} == saved == json.loads(json.dumps(results))
+    assert run.scalars("test_accuracy") == [(4, results["test_accuracy"])]
+    # the sweep's metric (launch/sweeps/omniglot_bayes.yaml) is in the summary: the last validation
+    assert flatten(run.summary)["val/accuracy"] == validations[-1]["val_accuracy"]
+
+
 def test_disabled_writes_nothing_and_opens_no_socket(toy, monkeypatch):
     import toyexp
 

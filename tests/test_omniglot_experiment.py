@@ -10,22 +10,34 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import maml
+from data.episodes import episode_sampler
 from data.omniglot import ZIPS
-from experiments import cli, lake_oneshot, omniglot
+from experiments import algorithms, cli, lake_oneshot, omniglot
 from experiments.sinusoid import SinusoidConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 # 5-way 1-shot, second order, a small Conv4: every run here has the same shapes, so each program compiles
 # once for the module (the XLA cache below) and the slow test trains the same setup for longer.
 SMALL = ["--filters", "16", "--meta-batch", "4", "--queries", "5", "--steps-per-call", "10", "--val-tasks", "100",
          "--no-progress"]
 TINY = [*SMALL, "--val-every", "10", "--eval-tasks", "100"]
+# Smaller still, for runs that each compile their own programs (devices, algorithms): a few meta-iterations.
+MINI = ["--filters", "4", "--meta-batch", "4", "--queries", "2", "--steps-per-call", "3", "--val-every", "3",
+        "--val-tasks", "2", "--eval-tasks", "2", "--eval-steps", "1", "--no-progress", "--wandb", "disabled"]
+RTOL, ATOL = 1e-5, 1e-6  # as tests/test_parallel.py: float32 round-off, the mean over tasks summed in another order
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +68,7 @@ def xla_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_run(data_args, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("tiny") / "run"
-    return out, omniglot.main([*data_args, *TINY, "--iterations", "20", "--out", str(out)])
+    return out, omniglot.main([*data_args, *TINY, "--iterations", "20", "--wandb", "disabled", "--out", str(out)])
 
 
 def write_lake_runs(root: Path, omniglot_dir: Path, runs: int = 20, ways: int = 20, seed: int = 0) -> np.ndarray:
@@ -115,9 +127,9 @@ def test_results_and_resume_gives_identical_params(tiny_run, data_args, tmp_path
     assert [json.loads(line)["step"] for line in (out / "validation.jsonl").read_text().splitlines()] == [10, 20]
 
     resumed = tmp_path / "resumed"
-    half = omniglot.main([*data_args, *TINY, "--iterations", "10", "--out", str(resumed)])
+    half = omniglot.main([*data_args, *TINY, "--iterations", "10", "--wandb", "disabled", "--out", str(resumed)])
     assert half["params_sha256"] != results["params_sha256"]
-    full = omniglot.main([*data_args, *TINY, "--iterations", "20", "--out", str(resumed)])
+    full = omniglot.main([*data_args, *TINY, "--iterations", "20", "--wandb", "disabled", "--out", str(resumed)])
     assert full["meta_iterations"] == 20
     assert full["params_sha256"] == results["params_sha256"]
 
@@ -188,8 +200,139 @@ def test_short_training_beats_chance_on_held_out_alphabets(data_args, lake_dir, 
     Tagalog (never seen in training); its 5-way model on 20-way Lake-style runs (zero head) beats 95% error."""
     out = tmp_path / "run"
     results = omniglot.main([*data_args, *SMALL, "--iterations", "150", "--val-every", "50", "--eval-tasks", "600",
-                             "--out", str(out)])
+                             "--wandb", "disabled", "--out", str(out)])
     assert results["test_tasks"] == 600
     assert results["test_accuracy"] - results["test_accuracy_ci95"] > 0.5, results
     lake = lake_oneshot.main(["--runs", str(lake_dir), "--checkpoint", str(out), "--out", str(tmp_path / "lake")])
     assert lake["head"].startswith("zero") and lake["error_rate"] < 0.9, lake
+
+
+def final_params(run_dir: Path) -> list[np.ndarray]:
+    """The array leaves of the model in `run_dir`'s newest checkpoint (and of the untrained model)."""
+    config = lake_oneshot.load_run_config(run_dir)
+    like, _ = omniglot.initial_state(config)
+    model = maml.latest_checkpoint(run_dir / "checkpoints", like)[1].model
+    leaves = lambda m: [np.asarray(a) for a in jax.tree.leaves(eqx.filter(m, eqx.is_array))]
+    return leaves(model), leaves(like.model)
+
+
+# Both runs in one subprocess with 2 fake CPU devices (as tests/test_parallel.py), so the same XLA flags
+# compile both; optimisation level 0 halves the compile time.
+TWO_RUNS = """
+import sys
+from experiments import omniglot
+argv, out = sys.argv[1:-1], sys.argv[-1]
+for n in (1, 2):
+    omniglot.main([*argv, "--devices", str(n), "--out", f"{out}/devices{n}"])
+"""
+
+
+def test_two_devices_match_one_device(data_args, tmp_path):
+    """--devices 2 (the sharded step: each device draws and maps its half of the batch, --batching map)
+    ends with the parameters of --devices 1 up to float32 round-off."""
+    flags = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", TWO_RUNS, *data_args, *MINI, "--iterations", "3", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"devices{n}" / "results.json").read_text()) for n in (1, 2))
+    assert one["meta_iterations"] == two["meta_iterations"] == 3
+    assert one["config"]["devices"] == 1 and two["config"]["devices"] == 2 and one["config"]["batching"] == "map"
+    (a, init), (b, _) = final_params(tmp_path / "devices1"), final_params(tmp_path / "devices2")
+    assert len(a) == len(b) == len(init)
+    for i, (x, y) in enumerate(zip(a, b)):
+        np.testing.assert_allclose(y, x, rtol=RTOL, atol=ATOL, err_msg=f"--devices 2 vs 1: leaf {i}")
+    assert any(not np.array_equal(x, x0) for x, x0 in zip(a, init))  # training moved the parameters
+
+
+def test_meta_batch_must_divide_across_devices(data_args, tmp_path):
+    """One line before anything is written (2 fake devices, a meta-batch of 3)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, "-m", "experiments.omniglot", *data_args, *MINI, "--meta-batch", "3",
+                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "error: --meta-batch=3 does not divide evenly across 2 devices (2 per process x 1 processes); "
+        "change --meta-batch or --devices"]
+    assert not out.exists()
+
+
+def config_of(*argv: str) -> omniglot.OmniglotConfig:
+    return cli.parse(omniglot.OmniglotConfig, ["--data-dir", "unused", *argv])
+
+
+def test_algorithm_flags_build_their_pieces():
+    key = jax.random.PRNGKey(0)
+    build = lambda *argv: omniglot.make_algorithm(config_of("--filters", "4", *argv), key)
+    assert isinstance(build().strategy, maml.SecondOrder) and isinstance(build().model, maml.Conv4)
+    assert isinstance(build("--first-order").strategy, maml.FirstOrder)  # --first-order: FOMAML, as before
+    assert isinstance(build("--algorithm", "fomaml").strategy, maml.FirstOrder)
+    anil = build("--algorithm", "anil")
+    assert eqx.tree_equal(anil.inner.adapt_filter, maml.head_filter(anil.model))
+    assert isinstance(build("--algorithm", "metasgd").model, maml.LearnedLR)
+    pp = build("--algorithm", "mamlpp", "--mamlpp-per-step-bn", "--inner-steps", "2")
+    assert isinstance(pp.model, maml.LearnedLR) and isinstance(pp.model.model, maml.PerStepConv4)
+    assert pp.model.model.steps == 2 and isinstance(pp.strategy, maml.MultiStepLoss)
+    assert isinstance(build("--algorithm", "mamlpp").model.model, maml.Conv4)
+    assert isinstance(build("--algorithm", "reptile").strategy, maml.Reptile)
+    assert isinstance(build("--algorithm", "imaml").strategy, maml.Implicit)
+    with pytest.raises(ValueError, match="--first-order with --algorithm=reptile"):
+        build("--algorithm", "reptile", "--first-order")
+    with pytest.raises(ValueError, match="--algorithm='mamlxx'; expected one of maml, fomaml"):
+        config_of("--algorithm", "mamlxx")
+    assert {"devices", "wandb", "algorithm", "mamlpp_per_step_bn"} <= {f for f in cli.to_json(config_of())}
+    assert set(algorithms.ALGORITHMS) == {"maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "imaml"}
+    for name in ("devices", "coordinator", "num_processes", "process_id", "wandb", "wandb_project", "wandb_dir"):
+        assert name in omniglot.RESUMABLE
+
+
+def test_evaluation_adapts_with_learned_rates():
+    """Meta-SGD's rates, not --inner-lr, drive validation and test adaptation: with every rate 0 the
+    accuracy after adaptation is the accuracy before it."""
+    config = config_of("--filters", "4", "--algorithm", "metasgd", "--queries", "3", "--eval-steps", "2")
+    algo, _, _ = omniglot.setup(config)
+    images = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (12, 20, 28, 28), 0, 256), np.uint8)
+    key = jax.random.PRNGKey(2)
+    frozen = eqx.tree_at(lambda m: m.lr, algo.model, jax.tree.map(jnp.zeros_like, algo.model.lr))
+    after = omniglot.task_accuracies(frozen, images, config, key, 4, algo.inner, algo.strategy)
+    tasks = omniglot._draw(episode_sampler(images, config.ways, config.shots, config.queries, 4),
+                           jax.random.fold_in(key, 0))
+    before = eqx.filter_jit(lambda m, ts: jax.vmap(lambda t: maml.losses.accuracy(m, t.query_x, t.query_y))(ts))(
+        frozen.model, tasks)
+    np.testing.assert_array_equal(after, np.asarray(before))
+    plain = omniglot.task_accuracies(frozen.model, images, config, key, 4, maml.InnerLoop(
+        maml.losses.cross_entropy, 2, 5.0))  # a plain inner loop with a big step does change them
+    assert not np.array_equal(plain, after)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", algorithms.ALGORITHMS)
+def test_every_algorithm_runs_end_to_end(algorithm, data_args, tmp_path, monkeypatch):
+    """Each --algorithm trains for 3 meta-iterations on the real data at a tiny size, validates and tests,
+    adapting at evaluation with the algorithm's own inner loop and strategy (mamlpp: per-step batch norm)."""
+    extra = {"mamlpp": ["--mamlpp-per-step-bn", "--inner-steps", "2", "--mamlpp-first-order-iterations", "1"]}
+    argv = [*data_args, *MINI, "--iterations", "3", "--algorithm", algorithm, *extra.get(algorithm, [])]
+    seen = []
+    real = omniglot.task_accuracies
+
+    def spy(model, images, config, key, num_tasks, inner=None, strategy=maml.SecondOrder()):
+        seen.append((model, inner, strategy))
+        return real(model, images, config, key, num_tasks, inner, strategy)
+
+    monkeypatch.setattr(omniglot, "task_accuracies", spy)
+    results = omniglot.main([*argv, "--out", str(tmp_path / "run")])
+    assert results["meta_iterations"] == 3 and 0.0 <= results["test_accuracy"] <= 1.0
+    assert results["config"]["algorithm"] == algorithm
+    config = cli.parse(omniglot.OmniglotConfig, argv)
+    expected = omniglot.make_algorithm(config, jax.random.PRNGKey(0))
+    assert len(seen) == 2  # validation at step 3, then the test tasks
+    for model, inner, strategy in seen:
+        assert eqx.tree_equal(inner, expected.inner.with_steps(config.eval_steps))
+        assert type(strategy) is type(expected.strategy)
+        assert jax.tree.structure(eqx.filter(model, eqx.is_array)) == \
+            jax.tree.structure(eqx.filter(expected.model, eqx.is_array))
+    params, init = final_params(tmp_path / "run")
+    assert all(np.all(np.isfinite(p)) for p in params) and any(not np.array_equal(p, q) for p, q in zip(params, init))
