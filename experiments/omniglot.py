@@ -45,7 +45,6 @@ from typing import Optional, Sequence
 import equinox as eqx
 import jax
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 
 import maml
@@ -151,11 +150,6 @@ def make_algorithm(config: OmniglotConfig, key: jax.Array) -> algorithms.Algorit
                                       inner_steps=config.inner_steps, inner_lr=config.inner_lr,
                                       outer_lr=config.outer_lr, iterations=config.iterations,
                                       first_order=config.first_order)
-
-
-def make_optimizer(config: OmniglotConfig) -> optax.GradientTransformation:
-    """The algorithm's outer optimiser (Adam; MAML++'s cosine schedule; Reptile's annealed SGD)."""
-    return make_algorithm(config, jax.random.PRNGKey(config.seed)).optimizer
 
 
 def make_inner(config: OmniglotConfig, steps: int) -> maml.InnerLoop:
