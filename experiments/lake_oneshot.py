@@ -4,17 +4,20 @@
 
 Rebuilds the model from RUN_DIR/config.json (an `experiments.omniglot` output folder), loads its latest
 checkpoint, and on each of the runs (20-way 1-shot, within one alphabet) adapts it on the 20 training
-images with the run's test-time inner loop (`--inner-steps`, `--inner-lr`: default the run's
-`eval_steps` and `inner_lr`), then classifies the 20 test items as one batch (batch norm uses that batch's
-statistics, as in MAML's evaluation). Writes OUT/results.json: `error_rate` over all items (400 for the
-20 original runs) and `per_run_error`.
+images as the run's `--algorithm` adapts at evaluation (ANIL: the head only; Meta-SGD and MAML++ LSLR:
+the learned rates; MAML++ per-step batch norm: step k's rows; iMAML: the proximal term), for
+`--inner-steps` steps (default: the run's `eval_steps`) at `--inner-lr` (default: the run's `inner_lr`;
+not allowed for learned rates), then classifies the 20 test items as one batch (batch norm uses that
+batch's statistics, as in MAML's evaluation). Writes OUT/results.json: `error_rate` over all items (400
+for the 20 original runs) and `per_run_error`.
 
 The head: a 20-way checkpoint keeps its meta-learned head (`--head trained`). A checkpoint of another
 number of ways has no head for 20 classes; `--head zero` (the default for it, via `--head auto`) replaces
 the head by a zero 20-way head and adapts everything from there: the first inner step then learns only
 the head (its gradient is each class's mean feature minus the overall mean), the usual zero-head trick
 (e.g. Triantafillou et al. 2020, Ye & Chao 2022). That is not the MAML paper's protocol, so results.json
-says which head was used; for the paper's setting meta-train with `--ways 20`.
+says which head was used; for the paper's setting meta-train with `--ways 20`. Meta-SGD's learned rates of
+the replaced head become the mean of its learned head rates (per-layer rates need no change).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import equinox as eqx
 import jax
@@ -33,7 +36,7 @@ import numpy as np
 import maml
 from data.lake_runs import load_lake_runs
 from experiments import cli
-from experiments.omniglot import OmniglotConfig, initial_state
+from experiments.omniglot import OmniglotConfig, setup
 
 HEADS = ("auto", "trained", "zero")
 # Fields that make a config.json an experiments.omniglot one (others, e.g. from mixins, may be added).
@@ -82,9 +85,8 @@ def load_run_config(run_dir: Path) -> OmniglotConfig:
     return OmniglotConfig(**values)
 
 
-def load_model(run_dir: Path, run_config: OmniglotConfig) -> tuple[maml.Conv4, int]:
-    """The model of the newest checkpoint in `run_dir/checkpoints` and its meta-iteration."""
-    like, _ = initial_state(run_config)
+def load_model(run_dir: Path, like: maml.MetaTrainState):
+    """The model of the newest checkpoint in `run_dir/checkpoints` (`like`'s structure) and its meta-iteration."""
     found = maml.latest_checkpoint(run_dir / "checkpoints", like)
     if found is None:
         raise ValueError(f"--checkpoint {str(run_dir)!r} holds no checkpoint in checkpoints/; expected a trained "
@@ -92,9 +94,15 @@ def load_model(run_dir: Path, run_config: OmniglotConfig) -> tuple[maml.Conv4, i
     return found[1].model, found[0]
 
 
-def with_head(model: maml.Conv4, ways: int, head: str) -> tuple[maml.Conv4, str]:
-    """`model` with a `ways`-way head as `head` asks; returns the model and what was done."""
-    classes = model.head_bias.shape[0]
+def _head(model) -> tuple[Any, Any]:
+    return model.head_weight, model.head_bias
+
+
+def with_head(model, ways: int, head: str) -> tuple[Any, str]:
+    """`model` (a `Conv4`, possibly per-step or wrapped in `maml.LearnedLR`) with a `ways`-way head as `head`
+    asks; returns the model and what was done."""
+    net = model.model if isinstance(model, maml.LearnedLR) else model
+    classes = net.head_bias.shape[0]
     if head == "auto":
         head = "trained" if classes == ways else "zero"
     if head == "trained":
@@ -102,17 +110,28 @@ def with_head(model: maml.Conv4, ways: int, head: str) -> tuple[maml.Conv4, str]
             raise ValueError(f"--head trained: the checkpoint is {classes}-way but the runs are {ways}-way; "
                              f"expected a {ways}-way checkpoint (meta-train with --ways {ways}) or --head zero")
         return model, f"trained ({classes}-way)"
-    weight = jnp.zeros((model.head_weight.shape[0], ways), model.head_weight.dtype)
-    bias = jnp.zeros((ways,), model.head_bias.dtype)
-    model = eqx.tree_at(lambda m: (m.head_weight, m.head_bias), model, (weight, bias))
-    return model, f"zero ({ways}-way, replacing the checkpoint's {classes}-way head)"
+    new = (jnp.zeros((net.head_weight.shape[0], ways), net.head_weight.dtype), jnp.zeros((ways,), net.head_bias.dtype))
+    done = f"zero ({ways}-way, replacing the checkpoint's {classes}-way head)"
+    if not isinstance(model, maml.LearnedLR):
+        return eqx.tree_at(_head, model, new), done
+    # Meta-SGD's per-parameter rates have the head's shape: each new entry gets their mean. Per-layer rates
+    # ([] or [steps]) do not depend on the number of classes and stay.
+    per_parameter = lambda rate, old: not model.per_step and rate is not None and rate.shape == old.shape
+    averaged = [per_parameter(r, o) for r, o in zip(_head(model.lr), _head(net))]
+    rates = tuple(jnp.full_like(n, jnp.mean(r)) if a else r for r, n, a in zip(_head(model.lr), new, averaged))
+    model = eqx.tree_at(lambda m: _head(m.model), model, new)
+    model = eqx.tree_at(lambda m: _head(m.lr), model, rates, is_leaf=lambda x: x is None)
+    return model, done[:-1] + "; its learned head rates: their mean)" if any(averaged) else done
 
 
 @eqx.filter_jit
-def predict(model, inner: maml.InnerLoop, train_x: jax.Array, test_x: jax.Array) -> jax.Array:
-    """Adapt on one run's training images (class j is image j) and return the test items' predicted classes."""
-    adapted = inner.adapt(model, train_x, jnp.arange(train_x.shape[0], dtype=jnp.int32))[0]
-    return jnp.argmax(maml.apply(adapted, test_x), axis=-1)
+def predict(model, inner: maml.InnerLoop, strategy: maml.AbstractStrategy, train_x: jax.Array,
+            test_x: jax.Array) -> jax.Array:
+    """Adapt on one run's training images (class j is image j) as `strategy` does and return the test items'
+    predicted classes (a per-step network at the last adapted step, as the query loss sees it)."""
+    labels = jnp.arange(train_x.shape[0], dtype=jnp.int32)
+    adapted = strategy.adapt(inner, model, train_x, labels).model
+    return jnp.argmax(maml.apply(maml.network(adapted, max(inner.steps - 1, 0)), test_x), axis=-1)
 
 
 def _as_input(images: np.ndarray) -> jax.Array:
@@ -125,12 +144,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     run_config = load_run_config(run_dir)
     runs = load_lake_runs(config.runs)
     ways = runs.train_images.shape[1]
-    model, step = load_model(run_dir, run_config)
+    algo, like, _ = setup(run_config)
+    learned = isinstance(algo.model, maml.LearnedLR)
+    if learned and config.inner_lr is not None:
+        raise ValueError(f"--inner-lr={config.inner_lr} with a --algorithm={run_config.algorithm} run: its inner "
+                         "rates are meta-learned; drop the flag")
+    model, step = load_model(run_dir, like)
     model, head = with_head(model, ways, config.head)
     out = cli.prepare_out(config.out, config)
-    inner = maml.InnerLoop(maml.losses.cross_entropy, config.inner_steps or run_config.eval_steps,
-                           config.inner_lr or run_config.inner_lr)
-    wrong = np.stack([np.asarray(predict(model, inner, _as_input(tr), _as_input(te))) != labels
+    inner = algo.inner.with_steps(config.inner_steps or run_config.eval_steps)
+    if config.inner_lr is not None:
+        inner = dataclasses.replace(inner, lr=config.inner_lr)
+    wrong = np.stack([np.asarray(predict(model, inner, algo.strategy, _as_input(tr), _as_input(te))) != labels
                       for tr, te, labels in zip(runs.train_images, runs.test_images, runs.test_labels)])
     results = {
         "error_rate": float(wrong.mean()),
@@ -138,7 +163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "items": int(wrong.size),
         "head": head,
         "inner_steps": inner.steps,
-        "inner_lr": inner.lr,
+        "inner_lr": "learned" if learned else inner.lr,
+        "algorithm": run_config.algorithm,
         "checkpoint_step": step,
         "params_sha256": maml.params_sha256(model),
         "run_config": cli.to_json(run_config),
