@@ -41,6 +41,8 @@ class AlgorithmConfig:
     reptile_step_size: float = _f(1.0, "reptile: outer step size, annealed linearly to 0 over the iterations")
     imaml_lambda: float = _f(2.0, "imaml: proximal strength lam (below -min eig(H), I + H/lam is indefinite: CG degrades)")
     imaml_cg_steps: int = _f(5, "imaml: conjugate-gradient iterations")
+    skip_nonfinite: int = _f(0, "skip meta-steps with a NaN/inf meta-loss or meta-gradient, up to N in a row "
+                                "(optax.apply_if_finite; counted in results.json); 0: stop the run at the first")
 
     def __post_init__(self):
         check_algorithm(self)
@@ -54,7 +56,7 @@ def check_algorithm(config: AlgorithmConfig) -> None:
     if config.algorithm not in ALGORITHMS:
         raise ValueError(f"--algorithm={config.algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
     for name, low in (("inner_checkpoint", 0), ("mamlpp_msl_iterations", 1), ("mamlpp_first_order_iterations", 0),
-                      ("imaml_cg_steps", 1)):
+                      ("imaml_cg_steps", 1), ("skip_nonfinite", 0)):
         value = getattr(config, name)
         if not isinstance(value, int) or value < low:
             raise ValueError(f"--{name.replace('_', '-')}={value!r}; expected an integer >= {low}")
@@ -88,7 +90,17 @@ def build_algorithm(
     """The model (wrapped for learned rates), inner loop, strategy and outer optimiser of `config.algorithm`.
 
     `first_order` (an experiment's `--first-order`) turns maml into fomaml and mamlpp's order to first.
+    With `--skip-nonfinite N` the optimiser is wrapped in `optax.apply_if_finite` (train with
+    `maml.fit(..., skip_nonfinite=True)`).
     """
+    algo = _build(config, model, loss_fn, inner_steps=inner_steps, inner_lr=inner_lr, outer_lr=outer_lr,
+                  iterations=iterations, first_order=first_order)
+    if config.skip_nonfinite:
+        return algo._replace(optimizer=optax.apply_if_finite(algo.optimizer, config.skip_nonfinite))
+    return algo
+
+
+def _build(config, model, loss_fn, *, inner_steps, inner_lr, outer_lr, iterations, first_order) -> Algorithm:
     check_algorithm(config)
     a, adam = config.algorithm, optax.adam(outer_lr)
     inner = maml.InnerLoop(loss_fn, inner_steps, inner_lr, checkpoint_every=config.inner_checkpoint)

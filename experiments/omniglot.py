@@ -314,7 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             state = maml.fit(state, step, sampler, num_steps=config.iterations,
                              steps_per_call=min(config.steps_per_call, config.iterations), checkpoint_dir=fit_dir,
                              checkpoint_every=config.val_every, on_chunk=on_chunk,
-                             progress=config.progress and writer)
+                             progress=config.progress and writer, skip_nonfinite=config.skip_nonfinite > 0)
         except _OutOfTime:
             stopped_by = "max_minutes"
             state = _latest_state(initial, ckpt_dir)
@@ -330,6 +330,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             "test_tasks": int(len(accs)),
             "params_sha256": maml.params_sha256(model),
             "meta_iterations": int(state.step),
+            "skipped_steps": maml.training.skipped_steps(state.opt_state),
             "stopped_by": stopped_by,
             "train_seconds_this_run": train_seconds,
             "validation_seconds_this_run": val_seconds[0],

@@ -86,7 +86,9 @@ def curvature_diagnostics(config: SinusoidConfig, inner: maml.InnerLoop, key):
 
 
 def train(model, config: SinusoidConfig, inner: maml.InnerLoop, strategy, *, key, num_steps, checkpoint_dir, desc, on_chunk=None,
-          optimizer=None, diagnose=None):
+          optimizer=None, diagnose=None) -> tuple:
+    """The trained model (this process's copy) and the number of skipped non-finite steps."""
+    skip = optimizer is not None and config.skip_nonfinite > 0  # (the algorithm's optimiser is the wrapped one)
     optimizer = optimizer or optax.adam(config.outer_lr)
     state, checkpoint_dir = runtime.resume(maml.init_state(model, optimizer, key), checkpoint_dir)
     step = runtime.train_step(config, optimizer, inner, strategy=strategy, meta_batch=config.meta_batch)
@@ -94,8 +96,9 @@ def train(model, config: SinusoidConfig, inner: maml.InnerLoop, strategy, *, key
     state = maml.fit(state, step, sampler, num_steps=num_steps, steps_per_call=min(config.steps_per_call, num_steps),
                      checkpoint_dir=checkpoint_dir, checkpoint_every=config.checkpoint_every,
                      progress=config.progress and runtime.is_writer(), desc=desc, on_chunk=on_chunk,
-                     diagnose=diagnose, diagnose_every=config.curvature_every or None)
-    return maml.parallel.to_local(state.model)  # replicated over devices -> this process's own copy
+                     diagnose=diagnose, diagnose_every=config.curvature_every or None, skip_nonfinite=skip)
+    # replicated over devices -> this process's own copy
+    return maml.parallel.to_local(state.model), maml.training.skipped_steps(state.opt_state)
 
 
 @eqx.filter_jit
@@ -169,14 +172,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         inner, strategy = algo.inner, algo.strategy
 
         start = time.perf_counter()
-        meta_model = train(algo.model, config, inner, strategy, optimizer=algo.optimizer, key=train_key, num_steps=config.iterations,
+        meta_model, skipped = train(algo.model, config, inner, strategy, optimizer=algo.optimizer, key=train_key, num_steps=config.iterations,
                            checkpoint_dir=out / "checkpoints", desc="meta-train",
                            on_chunk=logger.on_chunk if writer else None,
                            diagnose=curvature_diagnostics(config, inner, eval_key) if config.curvature_every else None)
         jax.block_until_ready(meta_model)
         train_seconds = time.perf_counter() - start
         # The paper's baseline: the same network regressing all tasks at once (no inner step in training).
-        baseline = train(model, config, maml.InnerLoop(maml.losses.mse, 0, config.inner_lr), maml.SecondOrder(), key=base_key,
+        baseline, _ = train(model, config, maml.InnerLoop(maml.losses.mse, 0, config.inner_lr), maml.SecondOrder(), key=base_key,
                          num_steps=config.baseline_iterations, checkpoint_dir=None, desc="baseline")
 
         tasks = sample_tasks(eval_key, config.eval_tasks, config.shots, config.eval_points)[0]
@@ -192,6 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             "baseline_mse_ci95": base_ci,
             "train_seconds": train_seconds,
             "meta_iterations": config.iterations,
+            "skipped_steps": skipped,
             "params_sha256": maml.params_sha256(meta_model),
             "config": cli.to_json(config),
             "devices": [str(d) for d in jax.devices()],

@@ -1,9 +1,10 @@
 """The generic meta-training loop: run a jitted chunk of steps, report metrics, checkpoint, resume.
 
 Reliability: checkpoints are atomic and verified (`maml.checkpoint`); SIGTERM and Ctrl-C finish the
-running chunk, write a checkpoint and raise `Interrupted`; a chunk that leaves non-finite parameters
-raises `Diverged` naming the step and quantity, and is never checkpointed. (To skip non-finite steps
-instead, wrap the outer optimiser in `optax.apply_if_finite`; its state counts the skipped steps.)
+running chunk, write a checkpoint and raise `Interrupted`; a chunk with a non-finite meta-loss or one
+that leaves non-finite parameters raises `Diverged` naming the step and quantity, and is never
+checkpointed. To skip non-finite steps instead, wrap the outer optimiser in `optax.apply_if_finite` and
+pass `skip_nonfinite=True`; `skipped_steps(state.opt_state)` counts the skipped steps.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
 from .checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
@@ -35,7 +37,14 @@ class Interrupted(Exception):
 
 
 class Diverged(FloatingPointError):
-    """A non-finite meta-loss or meta-gradient made the parameters non-finite."""
+    """A non-finite meta-loss, or a non-finite meta-gradient that made the parameters non-finite."""
+
+
+def skipped_steps(opt_state) -> int:
+    """Steps skipped so far by `optax.apply_if_finite` somewhere in `opt_state` (0 if it holds none)."""
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ApplyIfFiniteState))
+             if isinstance(s, optax.ApplyIfFiniteState)]
+    return sum(int(np.max(np.asarray(s.total_notfinite))) for s in found)  # (replicated copies: the same count)
 
 
 def _chunk_end(step: int, num_steps: int, steps_per_call: int, *periods: Optional[int]) -> int:
@@ -74,13 +83,19 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves])) if leaves else jnp.array(True)
 
 
-def _check_finite(state: MetaTrainState, metrics: dict, start: int, end: int, last_good: Optional[int]) -> None:
-    """Raise `Diverged` if the chunk `start..end` left non-finite parameters (checked on device)."""
-    if bool(_all_finite(state.model)):
-        return
-    kept = f"the last good checkpoint (step {last_good}) is kept" if last_good is not None else "no checkpoint kept"
+def _check_finite(state: MetaTrainState, metrics: dict, start: int, end: int, last_good: Optional[int],
+                  skip: bool = False) -> None:
+    """Raise `Diverged` if the chunk `start..end` had a non-finite meta-loss (unless `skip`: the optimiser
+    skipped those steps) or left non-finite parameters (checked on device)."""
     losses = np.asarray(metrics.get("meta_loss", np.zeros(0))).reshape(-1)
     bad = np.flatnonzero(~np.isfinite(losses))
+    params_ok = bool(_all_finite(state.model))
+    if params_ok and (skip or not bad.size):
+        return
+    kept = f"the last good checkpoint (step {last_good}) is kept" if last_good is not None else "no checkpoint kept"
+    if skip:
+        raise Diverged(f"meta-training diverged: the parameters turned non-finite between steps {start + 1} and "
+                       f"{end} (more non-finite steps in a row than the optimiser may skip); stopped, {kept}")
     if bad.size:
         at = start + int(bad[0]) + 1
         raise Diverged(f"meta-training diverged: the meta-loss is {losses[bad[0]]} at step {at}; stopped, {kept}")
@@ -102,6 +117,7 @@ def fit(
     diagnose_every: Optional[int] = None,
     progress: bool = True,
     desc: str = "meta-train",
+    skip_nonfinite: bool = False,
 ) -> MetaTrainState:
     """Apply `step(state, sampler) -> (state, metrics)` until `state.step == num_steps`.
 
@@ -111,7 +127,9 @@ def fit(
     steps, at the end, and when SIGTERM / Ctrl-C arrives (then `Interrupted` is raised). Chunk boundaries
     depend only on the step number, so a resumed run performs exactly the same computations as an
     uninterrupted one. `on_chunk(step, metrics)` gets each chunk's metrics as NumPy arrays with a leading
-    step axis. Non-finite parameters after a chunk raise `Diverged` (nothing is checkpointed).
+    step axis. A non-finite meta-loss or non-finite parameters after a chunk raise `Diverged` (nothing is
+    checkpointed); with `skip_nonfinite` (the optimiser is wrapped in `optax.apply_if_finite`, which
+    skips such steps) only non-finite parameters do.
     `diagnose(state) -> dict` (e.g. curvature diagnostics) runs every `diagnose_every` steps; its values
     join that chunk's metrics. It only reads the state, so training is the same with or without it.
     """
@@ -146,7 +164,7 @@ def fit(
                 chunks[n] = eqx.filter_jit(scan_steps(step, n))
             new_state, metrics = chunks[n](state, sampler)
             metrics = jax.tree.map(np.asarray, metrics)
-            _check_finite(new_state, metrics, current, end, last_good)
+            _check_finite(new_state, metrics, current, end, last_good, skip_nonfinite)
             state, current = new_state, end
             if "meta_loss" in metrics:
                 loss = float(np.mean(metrics["meta_loss"]))
@@ -165,4 +183,4 @@ def fit(
     return state
 
 
-__all__ = ["Diverged", "Interrupted", "fit", "list_checkpoints"]
+__all__ = ["Diverged", "Interrupted", "fit", "list_checkpoints", "skipped_steps"]

@@ -102,8 +102,14 @@ def test_divergence_stops_with_step_and_quantity_and_keeps_last_good_checkpoint(
     skipping = optax.apply_if_finite(optimizer, max_consecutive_errors=1000)
     train_step = maml.make_train_step(skipping, inner)
     state = maml.init_state(maml.MLP(1, 1, (8,), key=jax.random.PRNGKey(0)), skipping, jax.random.PRNGKey(1))
-    final = maml.fit(state, step, SinusoidTasks(2, 3, 3), num_steps=100, steps_per_call=20, progress=False)
-    assert int(final.opt_state.total_notfinite) == 50
+    final = maml.fit(state, step, SinusoidTasks(2, 3, 3), num_steps=100, steps_per_call=20, progress=False,
+                     skip_nonfinite=True)
+    assert maml.training.skipped_steps(final.opt_state) == 50 and int(final.opt_state.total_notfinite) == 50
+    assert maml.training.skipped_steps(state.opt_state) == 0 and maml.training.skipped_steps(optax.adam(1e-3).init({})) == 0
+    # without skip_nonfinite a NaN meta-loss stops the run even though the (skipping) optimiser kept the
+    # parameters finite
+    with pytest.raises(maml.training.Diverged, match=r"the meta-loss is nan at step 51; stopped, no checkpoint kept"):
+        maml.fit(state, step, SinusoidTasks(2, 3, 3), num_steps=100, steps_per_call=20, progress=False)
 
 
 def test_diagnostics_run_every_n_steps_and_do_not_change_training(tmp_path):
