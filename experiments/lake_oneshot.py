@@ -85,8 +85,10 @@ def load_run_config(run_dir: Path) -> OmniglotConfig:
     return OmniglotConfig(**values)
 
 
-def load_model(run_dir: Path, like: maml.MetaTrainState):
-    """The model of the newest checkpoint in `run_dir/checkpoints` (`like`'s structure) and its meta-iteration."""
+def load_model(run_dir: Path, run_config: OmniglotConfig, like: Optional[maml.MetaTrainState] = None):
+    """The model of the newest checkpoint in `run_dir/checkpoints` and its meta-iteration; the checkpoint is read
+    into `like` (default: the untrained state of `run_config`'s algorithm, e.g. a `LearnedLR` for metasgd)."""
+    like = like if like is not None else setup(run_config)[1]
     found = maml.latest_checkpoint(run_dir / "checkpoints", like)
     if found is None:
         raise ValueError(f"--checkpoint {str(run_dir)!r} holds no checkpoint in checkpoints/; expected a trained "
@@ -149,7 +151,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if learned and config.inner_lr is not None:
         raise ValueError(f"--inner-lr={config.inner_lr} with a --algorithm={run_config.algorithm} run: its inner "
                          "rates are meta-learned; drop the flag")
-    model, step = load_model(run_dir, like)
+    model, step = load_model(run_dir, run_config, like)
     model, head = with_head(model, ways, config.head)
     out = cli.prepare_out(config.out, config)
     inner = algo.inner.with_steps(config.inner_steps or run_config.eval_steps)

@@ -330,7 +330,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             "test_tasks": int(len(accs)),
             "params_sha256": maml.params_sha256(model),
             "meta_iterations": int(state.step),
-            "skipped_steps": maml.training.skipped_steps(state.opt_state),
+            "skipped_steps": maml.training.skipped_steps(maml.parallel.to_local(state.opt_state)),
             "stopped_by": stopped_by,
             "train_seconds_this_run": train_seconds,
             "validation_seconds_this_run": val_seconds[0],

@@ -98,7 +98,7 @@ def train(model, config: SinusoidConfig, inner: maml.InnerLoop, strategy, *, key
                      progress=config.progress and runtime.is_writer(), desc=desc, on_chunk=on_chunk,
                      diagnose=diagnose, diagnose_every=config.curvature_every or None, skip_nonfinite=skip)
     # replicated over devices -> this process's own copy
-    return maml.parallel.to_local(state.model), maml.training.skipped_steps(state.opt_state)
+    return maml.parallel.to_local(state.model), maml.training.skipped_steps(maml.parallel.to_local(state.opt_state))
 
 
 @eqx.filter_jit

@@ -41,10 +41,11 @@ class Diverged(FloatingPointError):
 
 
 def skipped_steps(opt_state) -> int:
-    """Steps skipped so far by `optax.apply_if_finite` somewhere in `opt_state` (0 if it holds none)."""
+    """Steps skipped so far by `optax.apply_if_finite` somewhere in `opt_state` (0 if it holds none).
+    A state replicated over devices: pass `maml.parallel.to_local(opt_state)`."""
     found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ApplyIfFiniteState))
              if isinstance(s, optax.ApplyIfFiniteState)]
-    return sum(int(np.max(np.asarray(s.total_notfinite))) for s in found)  # (replicated copies: the same count)
+    return sum(int(s.total_notfinite) for s in found)
 
 
 def _chunk_end(step: int, num_steps: int, steps_per_call: int, *periods: Optional[int]) -> int:
