@@ -82,7 +82,7 @@ class CurvatureConfig(tracking.Tracking):
     k: int = _f(5, "top eigenvalues per task")
     num_iters: Optional[int] = _f(None, "Lanczos steps per task and objective, one HVP each (" + _per_type("num_iters") + ")")
     trace_hvps: Optional[int] = _f(None, "Hutch++ HVPs per trace (" + _per_type("trace_hvps") + ")")
-    density_tasks: Optional[int] = _f(None, "tasks whose SLQ densities are computed (" + _per_type("density_tasks") + ")")
+    density_tasks: Optional[int] = _f(None, "tasks whose SLQ densities are computed, 0: none (" + _per_type("density_tasks") + ")")
     probes: Optional[int] = _f(None, "SLQ probe vectors per density (" + _per_type("probes") + ")")
     slq_iters: Optional[int] = _f(None, "Lanczos steps per SLQ probe (" + _per_type("slq_iters") + ")")
     seed: int = _f(1234, "random seed (tasks, probes)")
@@ -90,7 +90,9 @@ class CurvatureConfig(tracking.Tracking):
                                 "program is about a third of the compile time; --no-batch-meta skips it)")
 
     def __post_init__(self):
-        cli.check_positive(self, "tasks", "k", "num_iters", "trace_hvps", "density_tasks", "probes", "slq_iters")
+        cli.check_positive(self, "tasks", "k", "num_iters", "trace_hvps", "probes", "slq_iters")
+        if self.density_tasks is not None and (not isinstance(self.density_tasks, int) or self.density_tasks < 0):
+            raise ValueError(f"--density-tasks={self.density_tasks!r}; expected an integer >= 0 (0: no densities)")
 
     def resolved(self, kind: str) -> "CurvatureConfig":
         """This config with the unset cost settings filled in with `kind`'s defaults."""
@@ -290,7 +292,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     with logger:  # a crash finishes the wandb run as failed
         results = _diagnose(config, loaded, run, out)
         # Not named "density" (the file's stem): the image would land on results' "density" in the summary.
-        logger.log_image("spectral_density", out / "density.png", loaded.step or 0)
+        if "density" in results:
+            logger.log_image("spectral_density", out / "density.png", loaded.step or 0)
         tracking.finish(logger, results, step=loaded.step or 0)
     return results
 
@@ -313,8 +316,9 @@ def _diagnose(config: CurvatureConfig, loaded: Run, run: Path, out: Path) -> dic
     nd = min(config.density_tasks, config.tasks)
     sub = jax.tree.map(lambda a: a[:nd], tasks)
     slq_iters = min(config.slq_iters, n)
-    s_dens, s_neg, m_dens, m_neg = _chunked(
-        lambda t, key: _densities(model, t, inner, grid, key, config.probes, slq_iters, mode), sub, key_dens, chunk)
+    if nd:
+        s_dens, s_neg, m_dens, m_neg = _chunked(
+            lambda t, key: _densities(model, t, inner, grid, key, config.probes, slq_iters, mode), sub, key_dens, chunk)
     batch = None
     if config.batch_meta:
         b_top, b_res, b_tr, b_se = map(np.asarray, _batch_meta(model, tasks, inner, key_batch, k, iters,
@@ -331,20 +335,21 @@ def _diagnose(config: CurvatureConfig, loaded: Run, run: Path, out: Path) -> dic
         "support": {"loss": _stats(tc.support_loss), "top_k": _stats(tc.support_top),
                     "ritz_residual_max": float(tc.support_residual.max()), "min": _stats(tc.support_min),
                     "trace": _stats(tc.support_trace), "trace_stderr_max": float(tc.support_trace_stderr.max()),
-                    "negative_mass": _stats(s_neg)},
+                    **({"negative_mass": _stats(s_neg)} if nd else {})},
         "meta": {"loss": _stats(tc.meta_loss), "top_k": _stats(tc.meta_top),
                  "ritz_residual_max": float(tc.meta_residual.max()), "min": _stats(tc.meta_min),
                  "trace": _stats(tc.meta_trace), "trace_stderr_max": float(tc.meta_trace_stderr.max()),
-                 "negative_mass": _stats(m_neg)},
+                 **({"negative_mass": _stats(m_neg)} if nd else {})},
         "inner_stability": {"definition": "inner_lr * lambda_max(support loss Hessian); > 2 diverges",
                             **_stats(stability), "fraction_above_2": float(np.mean(stability > 2))},
         **({"batch_meta_objective": batch} if batch is not None else {}),  # (not with --no-batch-meta)
-        "density": {"grid": np.asarray(grid).tolist(), "support_mean": s_dens.mean(0).tolist(),
-                    "meta_mean": m_dens.mean(0).tolist(), "tasks": nd, "probes": config.probes},
+        **({"density": {"grid": np.asarray(grid).tolist(), "support_mean": s_dens.mean(0).tolist(),
+                        "meta_mean": m_dens.mean(0).tolist(), "tasks": nd, "probes": config.probes}} if nd else {}),
         "settings": cli.to_json(config), "seconds": seconds, "devices": [str(d) for d in jax.devices()],
     }
-    plot(out / "density.png", np.asarray(grid), s_dens, m_dens,
-         f"{run} step {step}: {nd} tasks, {config.probes} probes x {slq_iters} Lanczos steps")
+    if nd:
+        plot(out / "density.png", np.asarray(grid), s_dens, m_dens,
+             f"{run} step {step}: {nd} tasks, {config.probes} probes x {slq_iters} Lanczos steps")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps({"support_top1_mean": results["support"]["top_k"]["mean"][0],
                       "meta_top1_mean": results["meta"]["top_k"]["mean"][0],

@@ -34,3 +34,17 @@ def shared_data() -> Path:
     if not path or not Path(path).is_dir():
         pytest.skip(f"real data not available: set MAML_SHARED_DATA to ../shared/data (got {path!r})")
     return Path(path)
+
+
+# The files with the longest runs (compiling Conv4 programs, real-data runs, killed and restarted jobs),
+# longest first. pytest-xdist (`--dist loadfile`, setup.cfg) hands whole files to whichever worker is free
+# in collection order; collecting these first spreads them over the workers, and the many short files
+# then fill the gaps (in alphabetical order the heaviest three came last and ran on one worker).
+HEAVY_FIRST = ("test_curvature_experiment.py", "test_omniglot_experiment.py", "test_omniglot_algorithms.py",
+               "test_faults.py", "test_logging.py", "test_sinusoid_experiment.py", "test_family.py",
+               "test_omniglot_data.py", "test_parallel.py", "test_bad_inputs.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FIRST)))  # stable: file order kept otherwise
