@@ -37,9 +37,10 @@ def shared_data() -> Path:
 
 
 # The files with the longest runs (compiling Conv4 programs, real-data runs, killed and restarted jobs),
-# longest first. pytest-xdist (`--dist loadfile`, setup.cfg) hands whole files to whichever worker is free
-# in collection order; collecting these first spreads them over the workers, and the many short files
-# then fill the gaps (in alphabetical order the heaviest three came last and ran on one worker).
+# longest first. pytest-xdist (`--dist loadfile --no-loadscope-reorder`, setup.cfg) hands whole files to
+# whichever worker is free in collection order; collecting these first spreads them over the workers, and
+# the many short files then fill the gaps. (xdist's default order, most tests first, put these files,
+# which have few but long tests, last, and the three heaviest ran back to back on one worker.)
 HEAVY_FIRST = ("test_curvature_experiment.py", "test_omniglot_experiment.py", "test_omniglot_algorithms.py",
                "test_faults.py", "test_logging.py", "test_sinusoid_experiment.py", "test_family.py",
                "test_omniglot_data.py", "test_parallel.py", "test_bad_inputs.py")
