@@ -35,17 +35,3 @@ def shared_data() -> Path:
         pytest.skip(f"real data not available: set MAML_SHARED_DATA to ../shared/data (got {path!r})")
     return Path(path)
 
-
-# The files with the longest runs (compiling Conv4 programs, real-data runs, killed and restarted jobs),
-# longest first. pytest-xdist (`--dist loadfile --no-loadscope-reorder`, setup.cfg) hands whole files to
-# whichever worker is free in collection order; collecting these first spreads them over the workers, and
-# the many short files then fill the gaps. (xdist's default order, most tests first, put these files,
-# which have few but long tests, last, and the three heaviest ran back to back on one worker.)
-HEAVY_FIRST = ("test_curvature_experiment.py", "test_omniglot_experiment.py", "test_omniglot_algorithms.py",
-               "test_faults.py", "test_logging.py", "test_sinusoid_experiment.py", "test_family.py",
-               "test_omniglot_data.py", "test_parallel.py", "test_bad_inputs.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FIRST)))  # stable: file order kept otherwise
