@@ -29,7 +29,7 @@ from jax.flatten_util import ravel_pytree
 
 import maml
 from maml import curvature as C
-from maml.lanczos import lanczos
+from maml.curvature import lanczos
 
 
 def _timed(fn, *args) -> float:
@@ -125,22 +125,22 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     results = {"device": str(jax.devices()[0]), "jax": jax.__version__}
 
-    mlp = maml.MLP(1, 1, (40, 40), key=jax.random.key(0))
+    mlp = maml.nn.MLP(1, 1, (40, 40), key=jax.random.key(0))
     xs = jax.random.uniform(jax.random.key(1), (10, 1), minval=-5, maxval=5)
-    mlp_loss = lambda m, d: maml.losses.mse(m, d, 2.0 * jnp.sin(d - 0.5))
+    mlp_loss = lambda m, d: maml.nn.mse(m, d, 2.0 * jnp.sin(d - 0.5))
     results["mlp"] = hvp_vs_grad(mlp_loss, mlp, xs, args.repeats, loop=args.mlp_loop)
     print("mlp", json.dumps(results["mlp"]), flush=True)
-    inner = maml.InnerLoop(maml.losses.mse, 1, 0.01)
+    inner = maml.InnerLoop(maml.nn.mse, 1, 0.01)
     task = maml.Task(xs[:5], jnp.sin(xs[:5]), xs[5:], jnp.sin(xs[5:]))
     meta = lambda m, t: maml.meta_loss(m, t, inner)
     results["mlp_meta_loss"] = hvp_vs_grad(meta, mlp, task, args.repeats, loop=args.mlp_loop)
     print("mlp_meta_loss", json.dumps(results["mlp_meta_loss"]), flush=True)
 
     if not args.skip_conv4:
-        conv = maml.Conv4(1, 5, 64, 28, key=jax.random.key(0))
+        conv = maml.nn.Conv4(1, 5, 64, 28, key=jax.random.key(0))
         images = jax.random.normal(jax.random.key(2), (args.batch, 28, 28, 1))
         labels = jnp.arange(args.batch) % 5
-        conv_loss = lambda m, d: maml.losses.cross_entropy(m, d[0], d[1])
+        conv_loss = lambda m, d: maml.nn.cross_entropy(m, d[0], d[1])
         if not args.skip_conv4_timing:
             results["conv4"] = {"batch": args.batch, **hvp_vs_grad(conv_loss, conv, (images, labels), args.repeats)}
             print("conv4", json.dumps(results["conv4"]), flush=True)

@@ -42,12 +42,12 @@ def peak_bytes(fn, *args) -> dict:
 
 def variants(steps: int, lr: float, lam: float):
     """(name, inner loop, strategy) for one number of inner steps."""
-    loop = maml.InnerLoop(maml.losses.mse, steps, lr)
+    loop = maml.InnerLoop(maml.nn.mse, steps, lr)
     seg = max(1, math.ceil(math.sqrt(steps)))
     return [
         ("2nd order, plain", loop, maml.SecondOrder()),
-        ("2nd order, remat per step", maml.InnerLoop(maml.losses.mse, steps, lr, checkpoint_every=1), maml.SecondOrder()),
-        ("2nd order, remat sqrt(K)-segments", maml.InnerLoop(maml.losses.mse, steps, lr, checkpoint_every=seg), maml.SecondOrder()),
+        ("2nd order, remat per step", maml.InnerLoop(maml.nn.mse, steps, lr, checkpoint_every=1), maml.SecondOrder()),
+        ("2nd order, remat sqrt(K)-segments", maml.InnerLoop(maml.nn.mse, steps, lr, checkpoint_every=seg), maml.SecondOrder()),
         ("1st order (FOMAML)", loop, maml.FirstOrder()),
         ("iMAML (CG 5)", loop, maml.Implicit(lam=lam, cg_steps=5)),
     ]
@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
     steps_list = [int(s) for s in args.steps.split(",")]
     hidden = tuple(int(h) for h in args.hidden.split(","))
     key = jax.random.PRNGKey(0)
-    model = maml.MLP(1, 1, hidden, key=key)
+    model = maml.nn.MLP(1, 1, hidden, key=key)
     tasks = sample_tasks(key, args.meta_batch, args.shots, args.shots)[0]
     n_params = sum(a.size for a in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
     rows = []

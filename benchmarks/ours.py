@@ -29,8 +29,8 @@ def default_batching(w: Workload) -> maml.AbstractBatching:
 def build_model(w: Workload, key=None):
     key = jax.random.PRNGKey(0) if key is None else key
     if w.model == "conv4":
-        return maml.Conv4(1, w.ways, w.filters, w.image_size, key=key)
-    return maml.MLP(1, 1, (40, 40), key=key)
+        return maml.nn.Conv4(1, w.ways, w.filters, w.image_size, key=key)
+    return maml.nn.MLP(1, 1, (40, 40), key=key)
 
 
 def torch_params(model, w: Workload) -> dict[str, np.ndarray]:
@@ -58,7 +58,7 @@ def task_batch(w: Workload, batch: dict[str, np.ndarray], dtype=jnp.float32) -> 
 
 
 def inner_loop(w: Workload) -> maml.InnerLoop:
-    loss = maml.losses.cross_entropy if w.model == "conv4" else maml.losses.mse
+    loss = maml.nn.cross_entropy if w.model == "conv4" else maml.nn.mse
     return maml.InnerLoop(loss, w.steps, w.inner_lr)
 
 

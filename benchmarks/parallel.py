@@ -58,8 +58,8 @@ def main(argv=None) -> list[dict]:
     if jax.process_count() > 1:
         args.forms, counts = "sharded", [available]
     optimizer = optax.adam(1e-3)
-    inner = maml.InnerLoop(maml.losses.mse, 1, 0.01)
-    model = maml.MLP(1, 1, (40, 40), key=jax.random.PRNGKey(0))
+    inner = maml.InnerLoop(maml.nn.mse, 1, 0.01)
+    model = maml.nn.MLP(1, 1, (40, 40), key=jax.random.PRNGKey(0))
     state = maml.init_state(model, optimizer, jax.random.PRNGKey(1))
     sampler = SinusoidTasks(args.batch, 10, 10)
     makers = {

@@ -24,7 +24,7 @@ BATCH, SHOTS, INNER_LR, CHUNK = 25, 10, 0.01, 1000
 
 
 def library_chunk(optimizer):
-    inner = maml.InnerLoop(maml.losses.mse, 1, INNER_LR)
+    inner = maml.InnerLoop(maml.nn.mse, 1, INNER_LR)
     step = maml.with_task_sampler(maml.make_train_step(optimizer, inner))
     run = eqx.filter_jit(maml.scan_steps(step, CHUNK))
     sampler = SinusoidTasks(BATCH, SHOTS, SHOTS)
@@ -71,7 +71,7 @@ def main(argv=None):
     if args.iterations % CHUNK:
         parser.error(f"--iterations {args.iterations}: expected a multiple of {CHUNK}")
     optimizer = optax.adam(1e-3)
-    model = maml.MLP(1, 1, (40, 40), key=jax.random.PRNGKey(0))
+    model = maml.nn.MLP(1, 1, (40, 40), key=jax.random.PRNGKey(0))
     lib_state = maml.init_state(model, optimizer, jax.random.PRNGKey(1))
     params = [(layer.weight, layer.bias) for layer in model.layers]
     plain_state = (params, optimizer.init(params), jax.random.PRNGKey(1))

@@ -118,7 +118,7 @@ def prepare_out(out: str, config: Any, ignore: Sequence[str] = ()) -> Path:
 def run(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> None:
     """Call `main(argv)`; bad input (ValueError) becomes one line `error: ...` on stderr and exit status 2;
     a divergence is one line and status 3; a SIGTERM / Ctrl-C after checkpointing, 128 + the signal."""
-    from maml.training import Diverged, Interrupted
+    from maml import Diverged, Interrupted
 
     try:
         main(argv)

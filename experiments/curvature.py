@@ -47,7 +47,7 @@ from jax.flatten_util import ravel_pytree
 
 import maml
 from maml import curvature as C
-from maml.task_curvature import meta_objective, support_objective, task_curvature
+from maml.curvature import meta_objective, support_objective, task_curvature
 from experiments import cli, tracking
 
 
@@ -63,7 +63,7 @@ DEFAULTS = {
 CHUNK = {"sinusoid": None, "omniglot": 1}
 # HVP mode: for the Conv4 on CPU, reverse-over-reverse is about 3x faster than forward-over-reverse on the
 # meta-objective (1.6 s vs 4.4 s per HVP at 64 filters on a loaded 2-core machine), 2x on the support loss.
-MODE = {"sinusoid": C.ForwardOverReverse(), "omniglot": C.ReverseOverReverse()}
+MODE = {"sinusoid": maml.ForwardOverReverse(), "omniglot": maml.ReverseOverReverse()}
 ALGORITHMS = ("maml", "fomaml")  # runs whose meta-objective is the plain MAML one of their inner loop
 
 
@@ -116,7 +116,7 @@ def load_sinusoid(run: Path, cfg: dict):
     """(model, inner loop, step, task sampler) of a sinusoid run, from config.json and the checkpoint."""
     from data.sinusoid import sample_tasks
 
-    model = maml.MLP(1, 1, tuple(cfg["hidden"]), key=jax.random.PRNGKey(0))  # structure only
+    model = maml.nn.MLP(1, 1, tuple(cfg["hidden"]), key=jax.random.PRNGKey(0))  # structure only
     ckpts = run / "checkpoints"
     like = maml.init_state(model, optax.adam(cfg.get("outer_lr", 1e-3)), jax.random.PRNGKey(0))
     try:
@@ -124,11 +124,11 @@ def load_sinusoid(run: Path, cfg: dict):
         step, model = (found[0], found[1].model) if found else (None, None)
     except ValueError as e:  # another train-state layout: the model's leaves come first, read only them
         warnings.warn(f"{e}; reading only the model's leaves")
-        path = maml.checkpoint.list_checkpoints(ckpts)[-1]
+        path = maml.list_checkpoints(ckpts)[-1]
         step, model = int(path.stem.split("_")[1]), maml.load_checkpoint(path, like=model)
     if model is None:
         raise ValueError(f"--checkpoint {str(run)!r}: no checkpoint in {ckpts}; expected ckpt_<step>.eqx files")
-    inner = maml.InnerLoop(maml.losses.mse, int(cfg["inner_steps"]), float(cfg["inner_lr"]))
+    inner = maml.InnerLoop(maml.nn.mse, int(cfg["inner_steps"]), float(cfg["inner_lr"]))
     shots = int(cfg["shots"])
     queries = int(cfg.get("queries") or shots)
     return model, inner, step, lambda key, n: sample_tasks(key, n, shots, queries)[0]

@@ -97,6 +97,10 @@ def load_model(run_dir: Path, run_config: OmniglotConfig, like: Optional[maml.Me
 
 
 def _head(model) -> tuple[Any, Any]:
+    """The head's weight and bias of a Conv4, looking through a per-step wrapper (also for pytrees shaped
+    like one, e.g. learned rates)."""
+    if isinstance(model, maml.nn.PerStep):
+        return _head(model.model)
     return model.head_weight, model.head_bias
 
 
@@ -104,7 +108,7 @@ def with_head(model, ways: int, head: str) -> tuple[Any, str]:
     """`model` (a `Conv4`, possibly per-step or wrapped in `maml.LearnedLR`) with a `ways`-way head as `head`
     asks; returns the model and what was done."""
     net = model.model if isinstance(model, maml.LearnedLR) else model
-    classes = net.head_bias.shape[0]
+    classes = _head(net)[1].shape[0]
     if head == "auto":
         head = "trained" if classes == ways else "zero"
     if head == "trained":
@@ -112,7 +116,8 @@ def with_head(model, ways: int, head: str) -> tuple[Any, str]:
             raise ValueError(f"--head trained: the checkpoint is {classes}-way but the runs are {ways}-way; "
                              f"expected a {ways}-way checkpoint (meta-train with --ways {ways}) or --head zero")
         return model, f"trained ({classes}-way)"
-    new = (jnp.zeros((net.head_weight.shape[0], ways), net.head_weight.dtype), jnp.zeros((ways,), net.head_bias.dtype))
+    weight, bias = _head(net)
+    new = (jnp.zeros((weight.shape[0], ways), weight.dtype), jnp.zeros((ways,), bias.dtype))
     done = f"zero ({ways}-way, replacing the checkpoint's {classes}-way head)"
     if not isinstance(model, maml.LearnedLR):
         return eqx.tree_at(_head, model, new), done
@@ -133,7 +138,7 @@ def predict(model, inner: maml.InnerLoop, strategy: maml.AbstractStrategy, train
     predicted classes (a per-step network at the last adapted step, as the query loss sees it)."""
     labels = jnp.arange(train_x.shape[0], dtype=jnp.int32)
     adapted = strategy.adapt(inner, model, train_x, labels).model
-    return jnp.argmax(maml.apply(maml.network(adapted, max(inner.steps - 1, 0)), test_x), axis=-1)
+    return jnp.argmax(maml.nn.apply(maml.network(adapted, max(inner.steps - 1, 0)), test_x), axis=-1)
 
 
 def _as_input(images: np.ndarray) -> jax.Array:

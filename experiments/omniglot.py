@@ -26,7 +26,7 @@ with that N reproduces the run exactly. Expected (paper, full background set, 60
 The same mixins as experiments/sinusoid.py: `--algorithm {maml,fomaml,anil,metasgd,mamlpp,reptile,imaml}`
 and their options (experiments/algorithms.py; `--first-order` turns maml into fomaml; validation and test
 adapt as the algorithm does: ANIL's head only, Meta-SGD / LSLR learned rates, iMAML's proximal term;
-`--mamlpp-per-step-bn` uses `maml.PerStepConv4`), `--devices` / `--coordinator` / `--num-processes` /
+`--mamlpp-per-step-bn` uses `maml.nn.PerStep`), `--devices` / `--coordinator` / `--num-processes` /
 `--process-id` (experiments/runtime.py: the task batch split across devices, `--meta-batch` a multiple of
 them; only process 0 writes), and `--wandb ...` (experiments/tracking.py: config, `train/meta_loss`,
 `val/accuracy` and `val/ci95` at each validation, test metrics, results.json as the run summary).
@@ -130,23 +130,20 @@ RESUMABLE = ("iterations", "max_minutes", "progress", "out", "cache_dir", "downl
              "eval_steps") + tracking.FIELDS + runtime.RUNTIME_FIELDS
 
 
-class _OutOfTime(Exception):
-    """Raised from `fit`'s callback when the time budget is spent (at a checkpoint)."""
-
-
-def make_model(config: OmniglotConfig, key: jax.Array) -> maml.Conv4:
-    """Conv4; with `--algorithm mamlpp --mamlpp-per-step-bn`, `maml.PerStepConv4` (same initial weights)
+def make_model(config: OmniglotConfig, key: jax.Array) -> maml.nn.Conv4:
+    """Conv4; with `--algorithm mamlpp --mamlpp-per-step-bn`, a `maml.nn.PerStep` Conv4 (same initial weights)
     with one row of batch-norm scale and offset per training inner step, as MAML++ does: step k's support
     loss and the query loss after it use row k, so a row K would never be trained; evaluation with more
     steps than training (`--eval-steps` > `--inner-steps`) keeps using the last trained row."""
+    conv4 = maml.nn.Conv4(1, config.ways, config.filters, IMAGE_SIZE, key=key)
     if config.algorithm == "mamlpp" and config.mamlpp_per_step_bn:
-        return maml.PerStepConv4(1, config.ways, config.filters, IMAGE_SIZE, steps=config.inner_steps, key=key)
-    return maml.Conv4(1, config.ways, config.filters, IMAGE_SIZE, key=key)
+        return maml.nn.PerStep(conv4, config.inner_steps)
+    return conv4
 
 
 def make_algorithm(config: OmniglotConfig, key: jax.Array) -> algorithms.Algorithm:
     """`config.algorithm`'s model (wrapped for learned rates), inner loop, strategy and outer optimiser."""
-    return algorithms.build_algorithm(config, make_model(config, key), maml.losses.cross_entropy,
+    return algorithms.build_algorithm(config, make_model(config, key), maml.nn.cross_entropy,
                                       inner_steps=config.inner_steps, inner_lr=config.inner_lr,
                                       outer_lr=config.outer_lr, iterations=config.iterations,
                                       first_order=config.first_order)
@@ -204,7 +201,7 @@ def _accuracies(model, tasks: maml.Task, inner: maml.InnerLoop, strategy: maml.A
     def one(task: maml.Task) -> jax.Array:
         adapted = strategy.adapt(inner, model, task.support_x, task.support_y).model
         net = maml.network(adapted, max(inner.steps - 1, 0))  # what the query loss sees after adapting
-        return maml.losses.accuracy(net, task.query_x, task.query_y)
+        return maml.nn.accuracy(net, task.query_x, task.query_y)
 
     return jax.lax.map(one, tasks)
 
@@ -226,13 +223,6 @@ def mean_ci95(values: np.ndarray) -> tuple[float, float]:
     """Mean and the half-width of its normal 95% confidence interval."""
     std = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
     return float(np.mean(values)), 1.96 * std / math.sqrt(len(values))
-
-
-def _latest_state(like: maml.MetaTrainState, ckpt_dir: Path) -> maml.MetaTrainState:
-    """The newest checkpoint's state in this process (process 0 reads it, the others get it broadcast)."""
-    if jax.process_count() > 1:
-        return runtime.resume(like, ckpt_dir)[0]
-    return maml.latest_checkpoint(ckpt_dir, like)[1]
 
 
 def _process0(flag: bool) -> bool:
@@ -279,45 +269,37 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         eval_inner = algo.inner.with_steps(config.eval_steps)  # adapts as the algorithm does, --eval-steps steps
         start = time.perf_counter()
         deadline = start + 60 * config.max_minutes if config.max_minutes else None
-        losses: list[float] = []
         val_seconds = [0.0]
 
-        def on_chunk(done: int, metrics: dict) -> None:
-            if logger is not None:
-                logger.on_chunk(done, metrics)  # train/meta_loss
-            losses.extend(np.ravel(metrics["meta_loss"]).tolist())
-            if done % config.val_every and done != config.iterations:
-                return
-            if writer:  # validation is monitoring only: process 0 reads the checkpoint fit has just saved
-                val_start = time.perf_counter()
-                model = maml.latest_checkpoint(ckpt_dir, initial)[1].model
-                acc, ci = mean_ci95(task_accuracies(model, val_source, config, val_key, config.val_tasks,
-                                                    eval_inner, algo.strategy))
-                train_loss = float(np.mean(losses)) if losses else None
-                entry = {"step": done, "val_accuracy": acc, "val_accuracy_ci95": ci, "train_loss": train_loss,
-                         "seconds": time.perf_counter() - start}
-                with open(out / "validation.jsonl", "a") as f:
-                    f.write(json.dumps(entry) + "\n")
-                if config.progress:
-                    tqdm.write(f"step {done}: validation accuracy {acc:.3f} ± {ci:.3f}")
-                logger.log_scalars(done, {k: v for k, v in {"val/accuracy": acc, "val/ci95": ci}.items()
-                                          if math.isfinite(v)})  # (the CI is NaN for a single task)
-                val_seconds[0] += time.perf_counter() - val_start
-            losses.clear()
-            late = deadline is not None and time.perf_counter() > deadline and done < config.iterations
-            if _process0(late):
-                raise _OutOfTime
+        def validate(info: maml.StepInfo) -> None:  # monitoring only: nothing is selected on it
+            val_start = time.perf_counter()
+            model = maml.parallel.to_local(info.state.model)
+            acc, ci = mean_ci95(task_accuracies(model, val_source, config, val_key, config.val_tasks,
+                                                eval_inner, algo.strategy))
+            losses = np.ravel(info.metrics.get("meta_loss", []))
+            entry = {"step": info.step, "val_accuracy": acc, "val_accuracy_ci95": ci,
+                     "train_loss": float(np.mean(losses)) if losses.size else None,
+                     "seconds": time.perf_counter() - start}
+            with open(out / "validation.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            if config.progress:
+                tqdm.write(f"step {info.step}: validation accuracy {acc:.3f} ± {ci:.3f}")
+            logger.log_scalars(info.step, {k: v for k, v in {"val/accuracy": acc, "val/ci95": ci}.items()
+                                           if math.isfinite(v)})  # (the CI is NaN for a single task)
+            val_seconds[0] += time.perf_counter() - val_start
 
-        stopped_by = "iterations"
+        def budget(info: maml.StepInfo) -> Optional[maml.Stop]:
+            late = deadline is not None and time.perf_counter() > deadline and not info.final
+            return maml.Stop("max_minutes") if _process0(late) else None
+
+        hooks = [maml.Hook(budget, config.val_every, at_end=False)]
+        if writer:
+            hooks = [logger.hook(min(config.steps_per_call, config.val_every)), maml.Hook(validate, config.val_every)] + hooks
         state, fit_dir = runtime.resume(state, ckpt_dir)
-        try:
-            state = maml.fit(state, step, sampler, num_steps=config.iterations,
-                             steps_per_call=min(config.steps_per_call, config.iterations), checkpoint_dir=fit_dir,
-                             checkpoint_every=config.val_every, on_chunk=on_chunk,
-                             progress=config.progress and writer, skip_nonfinite=config.skip_nonfinite > 0)
-        except _OutOfTime:
-            stopped_by = "max_minutes"
-            state = _latest_state(initial, ckpt_dir)
+        checkpointer = maml.Checkpointer(fit_dir, config.val_every) if fit_dir is not None else None
+        state, stopped_by = maml.fit(state, step, sampler, num_steps=config.iterations,
+                                     steps_per_call=min(config.steps_per_call, config.iterations),
+                                     checkpointer=checkpointer, hooks=hooks, progress=config.progress and writer)
         model = maml.parallel.to_local(state.model)  # replicated over devices -> this process's own copy
         jax.block_until_ready(model)
         train_seconds = time.perf_counter() - start - val_seconds[0]  # compile included, validation not
@@ -330,7 +312,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             "test_tasks": int(len(accs)),
             "params_sha256": maml.params_sha256(model),
             "meta_iterations": int(state.step),
-            "skipped_steps": maml.training.skipped_steps(maml.parallel.to_local(state.opt_state)),
+            "skipped_steps": maml.skipped_steps(maml.parallel.to_local(state.opt_state)),
             "stopped_by": stopped_by,
             "train_seconds_this_run": train_seconds,
             "validation_seconds_this_run": val_seconds[0],

@@ -54,7 +54,7 @@ class SinusoidConfig(tracking.Tracking, runtime.RuntimeConfig, algorithms.Algori
     eval_tasks: int = _f(1000, "held-out evaluation tasks")
     eval_points: int = _f(100, "query points per evaluation task")
     eval_steps: tuple[int, ...] = _f((0, 1, 5, 10), "inner steps at which to report the evaluation MSE")
-    curvature_every: int = _f(0, "curvature diagnostics (maml.task_curvature) every N meta-iterations, logged; 0: off")
+    curvature_every: int = _f(0, "curvature diagnostics (maml.curvature.task_curvature) every N meta-iterations, logged; 0: off")
     curvature_tasks: int = _f(8, "tasks in the fixed batch the curvature diagnostics look at")
     out: str = _f("runs/sinusoid", "output folder (results.json, fits.png, checkpoints/)")
     progress: bool = _f(True, "show a progress bar")
@@ -76,29 +76,32 @@ class SinusoidConfig(tracking.Tracking, runtime.RuntimeConfig, algorithms.Algori
 RESUMABLE = ("iterations", "progress", "out", "curvature_every", "curvature_tasks", "eval_tasks", "eval_points", "eval_steps", "baseline_iterations", "baseline_lr") + tracking.FIELDS + runtime.RUNTIME_FIELDS
 
 
-def curvature_diagnostics(config: SinusoidConfig, inner: maml.InnerLoop, key):
-    """`state -> metrics`: top eigenvalue, trace and minimum eigenvalue of the support loss and of the
-    meta-objective, and the inner loop's stability (lr x top eigenvalue), on a fixed batch of tasks."""
+def curvature_hook(config: SinusoidConfig, inner: maml.InnerLoop, key, logger) -> maml.Hook:
+    """Every `--curvature-every` steps, log the top eigenvalue, trace and minimum eigenvalue of the support
+    loss and of the meta-objective, and the inner loop's stability (lr x top eigenvalue), on a fixed batch."""
     tasks = SinusoidTasks(config.curvature_tasks, config.shots, config.queries or config.shots)(key)
-    run = eqx.filter_jit(lambda model: maml.task_curvature.task_curvature(
+    run = eqx.filter_jit(lambda model: maml.curvature.task_curvature(
         model, tasks, inner, key=key, k=1, num_iters=20, meta_num_iters=20).metrics())
-    return lambda state: run(maml.parallel.to_local(state.model))
+
+    def log(info: maml.StepInfo) -> None:
+        logger.log_scalars(info.step, {k: float(v) for k, v in run(maml.parallel.to_local(info.state.model)).items()})
+
+    return maml.Hook(log, config.curvature_every, at_end=False)
 
 
-def train(model, config: SinusoidConfig, inner: maml.InnerLoop, strategy, *, key, num_steps, checkpoint_dir, desc, on_chunk=None,
-          optimizer=None, diagnose=None) -> tuple:
+def train(model, config: SinusoidConfig, inner: maml.InnerLoop, strategy, *, key, num_steps, checkpoint_dir, desc,
+          hooks=(), optimizer=None) -> tuple:
     """The trained model (this process's copy) and the number of skipped non-finite steps."""
-    skip = optimizer is not None and config.skip_nonfinite > 0  # (the algorithm's optimiser is the wrapped one)
     optimizer = optimizer or optax.adam(config.outer_lr)
     state, checkpoint_dir = runtime.resume(maml.init_state(model, optimizer, key), checkpoint_dir)
     step = runtime.train_step(config, optimizer, inner, strategy=strategy, meta_batch=config.meta_batch)
     sampler = SinusoidTasks(config.meta_batch, config.shots, config.queries or config.shots)
-    state = maml.fit(state, step, sampler, num_steps=num_steps, steps_per_call=min(config.steps_per_call, num_steps),
-                     checkpoint_dir=checkpoint_dir, checkpoint_every=config.checkpoint_every,
-                     progress=config.progress and runtime.is_writer(), desc=desc, on_chunk=on_chunk,
-                     diagnose=diagnose, diagnose_every=config.curvature_every or None, skip_nonfinite=skip)
+    checkpointer = maml.Checkpointer(checkpoint_dir, config.checkpoint_every) if checkpoint_dir else None
+    state, _ = maml.fit(state, step, sampler, num_steps=num_steps, steps_per_call=min(config.steps_per_call, num_steps),
+                        checkpointer=checkpointer, hooks=hooks, progress=config.progress and runtime.is_writer(),
+                        desc=desc)
     # replicated over devices -> this process's own copy
-    return maml.parallel.to_local(state.model), maml.training.skipped_steps(maml.parallel.to_local(state.opt_state))
+    return maml.parallel.to_local(state.model), maml.skipped_steps(maml.parallel.to_local(state.opt_state))
 
 
 @eqx.filter_jit
@@ -109,7 +112,7 @@ def query_mse_curve(model, tasks: maml.Task, inner: maml.InnerLoop, max_steps: i
 
 
 def evaluate(model, lr, config: SinusoidConfig, tasks, inner=None, strategy=maml.SecondOrder()):
-    inner = inner if inner is not None else maml.InnerLoop(maml.losses.mse, 1, lr)  # the algorithm's own (ANIL filter, learned rates...)
+    inner = inner if inner is not None else maml.InnerLoop(maml.nn.mse, 1, lr)  # the algorithm's own (ANIL filter, learned rates...)
     curves = np.asarray(query_mse_curve(model, tasks, inner, max(config.eval_steps), strategy))
     mean = curves.mean(axis=0)
     ci = 1.96 * curves.std(axis=0) / np.sqrt(curves.shape[0])
@@ -124,10 +127,10 @@ def fit_curves(model, tasks: maml.Task, inner: maml.InnerLoop, max_steps: int, g
     def curves(task):
         def body(m, _):
             m = one_step.adapt(m, task.support_x, task.support_y)[0]
-            return m, maml.apply(m, grid)
+            return m, maml.nn.apply(m, grid)
 
         _, after = jax.lax.scan(body, model, None, length=max_steps)
-        return jnp.concatenate([maml.apply(model, grid)[None], after])
+        return jnp.concatenate([maml.nn.apply(model, grid)[None], after])
 
     return jax.vmap(curves)(tasks)
 
@@ -140,7 +143,7 @@ def plot_fits(path: Path, models: dict, config: SinusoidConfig, key, num: int = 
 
     tasks, amp, phase = sample_tasks(key, num, config.shots, 1)
     grid = jnp.linspace(*X_RANGE, 200)[:, None]
-    preds = {name: np.asarray(fit_curves(model, tasks, maml.InnerLoop(maml.losses.mse, 1, lr), max(steps), grid))
+    preds = {name: np.asarray(fit_curves(model, tasks, maml.InnerLoop(maml.nn.mse, 1, lr), max(steps), grid))
              for name, (model, lr) in models.items()}
     fig, axes = plt.subplots(1, num, figsize=(5 * num, 3.6), squeeze=False)
     for i, ax in enumerate(axes[0]):
@@ -166,20 +169,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     with logger or contextlib.nullcontext():
         key = jax.random.PRNGKey(config.seed)
         init_key, train_key, base_key, eval_key, plot_key = jax.random.split(key, 5)
-        model = maml.MLP(1, 1, config.hidden, key=init_key)
-        algo = algorithms.build_algorithm(config, model, maml.losses.mse, inner_steps=config.inner_steps, inner_lr=config.inner_lr,
+        model = maml.nn.MLP(1, 1, config.hidden, key=init_key)
+        algo = algorithms.build_algorithm(config, model, maml.nn.mse, inner_steps=config.inner_steps, inner_lr=config.inner_lr,
                                           outer_lr=config.outer_lr, iterations=config.iterations, first_order=config.first_order)
         inner, strategy = algo.inner, algo.strategy
 
         start = time.perf_counter()
-        meta_model, skipped = train(algo.model, config, inner, strategy, optimizer=algo.optimizer, key=train_key, num_steps=config.iterations,
-                           checkpoint_dir=out / "checkpoints", desc="meta-train",
-                           on_chunk=logger.on_chunk if writer else None,
-                           diagnose=curvature_diagnostics(config, inner, eval_key) if config.curvature_every else None)
+        hooks = [logger.hook(min(config.steps_per_call, config.iterations))] if writer else []
+        if writer and config.curvature_every:
+            hooks.append(curvature_hook(config, inner, eval_key, logger))
+        meta_model, skipped = train(algo.model, config, inner, strategy, optimizer=algo.optimizer, key=train_key,
+                                    num_steps=config.iterations, checkpoint_dir=out / "checkpoints", desc="meta-train",
+                                    hooks=hooks)
         jax.block_until_ready(meta_model)
         train_seconds = time.perf_counter() - start
         # The paper's baseline: the same network regressing all tasks at once (no inner step in training).
-        baseline, _ = train(model, config, maml.InnerLoop(maml.losses.mse, 0, config.inner_lr), maml.SecondOrder(), key=base_key,
+        baseline, _ = train(model, config, maml.InnerLoop(maml.nn.mse, 0, config.inner_lr), maml.SecondOrder(), key=base_key,
                          num_steps=config.baseline_iterations, checkpoint_dir=None, desc="baseline")
 
         tasks = sample_tasks(eval_key, config.eval_tasks, config.shots, config.eval_points)[0]

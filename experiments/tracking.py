@@ -6,7 +6,7 @@ Wiring an experiment (see experiments/sinusoid.py):
     config = tracking.prepare(cli.parse(MyConfig, argv))         # checks them; per-trial OUT in sweeps
     out = cli.prepare_out(config.out, config, ignore=RESUMABLE + tracking.FIELDS)
     logger = tracking.start(config, out, job="my_experiment")    # config logged
-    maml.fit(..., on_chunk=logger.on_chunk)                      # training curve (train/meta_loss)
+    maml.fit(..., hooks=[logger.hook(every=N)])                  # training curve (train/meta_loss)
     logger.log_scalars(step, {"val_accuracy": acc})              # anything else, e.g. validation
     tracking.finish(logger, results, images=[out / "fits.png"])  # test metrics, plots, summary
 
@@ -32,8 +32,8 @@ from typing import Any, Mapping, Optional, Sequence, TypeVar
 from urllib.parse import urlparse
 
 from experiments import cli
-from maml.checkpoint import atomic_write_bytes
-from maml.logging import MODES, AbstractLogger, ConsoleLogger, MultiLogger, WandbLogger, flatten
+from maml import AbstractLogger, ConsoleLogger, MultiLogger, WandbLogger, atomic_write_bytes
+from maml.training.loggers import MODES, flatten
 
 C = TypeVar("C")
 

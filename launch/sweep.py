@@ -40,7 +40,8 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from experiments import cli, tracking
-from maml.logging import find_offline_runs, flatten, read_offline_run
+from launch.offline_runs import find_offline_runs, read_offline_run
+from maml.training.loggers import flatten
 
 BOOL_SAFE_MACROS = ("${args_no_boolean_flags}", "${args_json}", "${args_json_file}")
 
@@ -200,13 +201,14 @@ def sweep_run(engine: Any, name: str, state: str, params: dict, history: list, s
                            sampledHistory=history, summaryMetrics=summary or {}, **extra)
 
 
-def read_trial(root: Path, run_id: str) -> Any:
-    """The trial's offline run as read so far, or None before wandb wrote it."""
+def read_trial(root: Path, run_id: str, wait: float = 0.0) -> Any:
+    """The trial's offline run as read so far (waiting up to `wait` s for its exit record), or None before
+    wandb wrote it."""
     found = find_offline_runs(root / "wandb", run_id)
     if not found or not list(found[-1].glob("run-*.wandb")):
         return None
     try:
-        return read_offline_run(found[-1])
+        return read_offline_run(found[-1], wait=wait)
     except ValueError:  # created but no header written yet
         return None
 
@@ -247,7 +249,7 @@ def run_trial(config: dict, engine: Any, runs: list, params: dict, root: Path, *
                 proc.terminate()
             code = proc.wait()
     stopped = stopped and code != 0  # a trial that finished before the signal is not stopped
-    trial = read_trial(root, run_id)
+    trial = read_trial(root, run_id, wait=10.0)
     state = "finished" if code == 0 or stopped else "failed"
     summary = flatten(trial.summary) if trial else {}
     metric = (config.get("metric") or {}).get("name")

@@ -2,17 +2,17 @@
 
 The meta-gradient module: an inner loop of differentiable SGD steps (`InnerLoop`), the per-task
 objective (`meta_loss`), its gradient over a batch of tasks (`meta_value_and_grad`), and a pure
-training step (`make_train_step`) for the caller to jit. Strategies (`SecondOrder`, `FirstOrder`) and
-task batching (`Vmap`, `Map`, `Unroll`) are values passed in.
+training step (`make_train_step`) for the caller to jit. Strategies (`SecondOrder`, `FirstOrder`, and
+the rest of the family) and task batching (`Vmap`, `Map`, `Unroll`) are values passed in; `fit` runs
+the step with hooks and checkpoints. Namespaces: `maml.nn` (models, layers, losses), `maml.curvature`
+(curvature diagnostics), `maml.parallel` (several devices and hosts).
 """
 
-from . import curvature, lanczos, losses, task_curvature
-from .autodiff import hessian, hvp, hvp_reverse, jacfwd, jacrev, straight_through, td0_loss
-from .batching import AbstractBatching, Map, Unroll, Vmap
-from .checkpoint import latest_checkpoint, load_checkpoint, params_sha256, save_checkpoint
-from .family import AnnealedOrder, MultiStepLoss, Reptile, cosine_adam, head_filter, msl_weights, reptile_sgd
-from .implicit import Implicit
-from .inner import AbstractPerStepModel, InnerLoop, LearnedLR, network
+from . import curvature, nn, parallel
+
+# Tasks, the inner loop, the meta-objective and the training step
+from .tasks import Task, check_batch
+from .inner import AbstractLearnedRates, AbstractPerStepModel, Adaptation, InnerLoop, network
 from .meta import (
     MetaTrainState,
     adaptation_curve,
@@ -24,75 +24,68 @@ from .meta import (
     scan_steps,
     with_task_sampler,
 )
-from . import layers
-from . import parallel
-from .models import MLP, AbstractBatchModel, Conv4, PerStepConv4, apply
-from .strategies import AbstractStrategy, Adaptation, FirstOrder, SecondOrder
-from .tasks import Task, check_batch
-from .training import fit
-from . import logging
-from .logging import AbstractLogger, ConsoleLogger, MultiLogger, WandbLogger, read_offline_run
+from .batching import AbstractBatching, Map, Unroll, Vmap
 
-__version__ = "0.1.0"
+# The MAML family
+from .algorithms.base import AbstractStrategy
+from .algorithms.order import AnnealedOrder, FirstOrder, SecondOrder
+from .algorithms.multistep import MultiStepLoss, cosine_adam, msl_weights
+from .algorithms.learned_rates import LearnedLR
+from .algorithms.reptile import Reptile, reptile_sgd
+from .algorithms.implicit import Implicit
+from .algorithms.anil import head_filter
 
-__all__ = [
-    "AbstractLogger",
-    "AbstractPerStepModel",
-    "Adaptation",
-    "AnnealedOrder",
-    "Implicit",
-    "LearnedLR",
-    "MultiStepLoss",
-    "Reptile",
-    "adaptation_curve",
-    "cosine_adam",
-    "head_filter",
-    "msl_weights",
-    "network",
-    "reptile_sgd",
-    "AbstractBatchModel",
-    "AbstractBatching",
-    "AbstractStrategy",
-    "Conv4",
-    "PerStepConv4",
-    "ConsoleLogger",
-    "FirstOrder",
-    "InnerLoop",
-    "MLP",
-    "MultiLogger",
-    "Map",
-    "MetaTrainState",
-    "SecondOrder",
-    "Task",
-    "WandbLogger",
-    "Unroll",
-    "Vmap",
-    "apply",
-    "check_batch",
-    "curvature",
-    "fit",
-    "logging",
-    "hessian",
-    "hvp",
-    "hvp_reverse",
-    "init_state",
-    "jacfwd",
-    "jacrev",
-    "latest_checkpoint",
-    "load_checkpoint",
-    "layers",
-    "losses",
-    "make_train_step",
-    "meta_loss",
-    "meta_loss_and_aux",
-    "meta_value_and_grad",
-    "parallel",
-    "params_sha256",
-    "read_offline_run",
-    "save_checkpoint",
-    "scan_steps",
-    "straight_through",
-    "task_curvature",
-    "td0_loss",
-    "with_task_sampler",
-]
+# Training: the loop and its hooks, checkpoints, loggers, errors
+from .training.fit import Diverged, FitResult, Hook, Interrupted, StepInfo, Stop, fit, skipped_steps
+from .training.checkpoints import (
+    CheckpointError,
+    Checkpointer,
+    CorruptCheckpoint,
+    IncompatibleCheckpoint,
+    atomic_write_bytes,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    params_sha256,
+    save_checkpoint,
+)
+from .training.loggers import AbstractLogger, ConsoleLogger, MultiLogger, WandbLogger
+
+# The seed notebook's higher-order autodiff tools and the HVP modes
+from .autodiff import (
+    AbstractHVPMode,
+    ForwardOverReverse,
+    ReverseOverReverse,
+    forward_mode_blocked,
+    hessian,
+    hvp,
+    hvp_reverse,
+    jacfwd,
+    jacrev,
+    straight_through,
+    td0_loss,
+)
+
+__version__ = "0.2.0"
+
+__all__ = sorted([
+    # namespaces
+    "curvature", "nn", "parallel",
+    # tasks, inner loop, meta-objective, training step
+    "Task", "check_batch",
+    "AbstractLearnedRates", "AbstractPerStepModel", "Adaptation", "InnerLoop", "network",
+    "MetaTrainState", "adaptation_curve", "init_state", "make_train_step", "meta_loss", "meta_loss_and_aux",
+    "meta_value_and_grad", "scan_steps", "with_task_sampler",
+    "AbstractBatching", "Map", "Unroll", "Vmap",
+    # the MAML family
+    "AbstractStrategy", "AnnealedOrder", "FirstOrder", "SecondOrder", "MultiStepLoss", "cosine_adam", "msl_weights",
+    "LearnedLR", "Reptile", "reptile_sgd", "Implicit", "head_filter",
+    # training
+    "Diverged", "FitResult", "Hook", "Interrupted", "StepInfo", "Stop", "fit", "skipped_steps",
+    "CheckpointError", "Checkpointer", "CorruptCheckpoint", "IncompatibleCheckpoint", "atomic_write_bytes",
+    "latest_checkpoint", "list_checkpoints", "load_checkpoint", "params_sha256", "save_checkpoint",
+    "AbstractLogger", "ConsoleLogger", "MultiLogger", "WandbLogger",
+    # autodiff
+    "AbstractHVPMode", "ForwardOverReverse", "ReverseOverReverse", "forward_mode_blocked", "hessian", "hvp",
+    "hvp_reverse", "jacfwd", "jacrev", "straight_through", "td0_loss",
+])

@@ -1,9 +1,12 @@
-"""The inner loop: K differentiable SGD steps (`lax.scan`) on a support set.
+"""The inner loop: K differentiable SGD steps on a support set, and the two kinds of model it adapts
+beyond a plain network.
 
 Options, each a value: which leaves adapt (`adapt_filter`; ANIL = `maml.head_filter(model)`); learned
-inner learning rates (wrap the model in `LearnedLR`: Meta-SGD per parameter, MAML++ LSLR per layer and
-per step); per-step parameters of the network (`AbstractPerStepModel`: MAML++ per-step batch norm);
-rematerialisation (`checkpoint_every`: memory-bounded second order).
+inner learning rates (a model that is an `AbstractLearnedRates`, e.g. `maml.LearnedLR`: Meta-SGD per
+parameter, MAML++ LSLR per layer and per step); per-step parameters of the network
+(`AbstractPerStepModel`, e.g. `maml.nn.PerStep`: MAML++ per-step batch norm); rematerialisation
+(`checkpoint_every`: memory-bounded second order). How the outer gradient treats the inner gradients is
+the strategy's business (`maml.algorithms`): it hands `InnerLoop.run` its `inner_gradient` transform.
 """
 
 from __future__ import annotations
@@ -11,14 +14,15 @@ from __future__ import annotations
 import abc
 import dataclasses
 import numbers
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PyTree
 
-from .strategies import AbstractStrategy, Adaptation, SecondOrder
+if TYPE_CHECKING:
+    from .algorithms.base import AbstractStrategy
 
 LossFn = Callable[[PyTree, Array, Array], Float[Array, ""]]
 
@@ -39,55 +43,36 @@ class AbstractPerStepModel(eqx.Module):
         """The network (a callable model) used at inner step `step`."""
 
 
-class LearnedLR(eqx.Module):
-    """A network and its meta-learned inner learning rates, both meta-learned by the outer optimiser.
+class AbstractLearnedRates(eqx.Module):
+    """A network together with its own (meta-learned) inner learning rates, which replace `InnerLoop.lr`.
 
-    `lr` has the structure of `eqx.filter(model, adapt_filter)` (None where a leaf does not adapt); each
-    leaf is `[*param]` (Meta-SGD: one rate per parameter), `[]` (one per tensor) or, with `per_step`,
-    `[S, *param]` / `[S]` (MAML++ LSLR: per layer and per step; step `k` uses `lr[k]`, clamped past S).
-    The inner update is `p - lr * g`: rates are raw (may turn negative, as in Meta-SGD) and replace
-    `InnerLoop.lr`. Adaptation returns a `LearnedLR` with the adapted network and the same rates.
+    `model` is the network; `rates(step)` the rates of inner step `step` (a traced int32 scalar): a pytree
+    shaped like the adapted leaves `eqx.filter(network, adapt_filter)` (None where a leaf does not adapt),
+    each leaf broadcastable against its parameter. The inner update is `p - rate * g`. Adaptation returns
+    the same wrapper with the adapted network and unchanged rates. `maml.LearnedLR` is the implementation.
     """
 
-    model: PyTree
-    lr: PyTree
-    per_step: bool = eqx.field(static=True, default=False)
+    model: eqx.AbstractVar[PyTree]
 
-    @classmethod
-    def per_parameter(cls, model: PyTree, init_lr: float, adapt_filter: Any = eqx.is_inexact_array) -> "LearnedLR":
-        """Meta-SGD (Li et al. 2017): one rate per adapted parameter, all `init_lr`."""
-        _check_lr("init_lr", init_lr)
-        return cls(model, jax.tree.map(lambda a: jnp.full_like(a, init_lr), eqx.filter(model, adapt_filter)))
-
-    @classmethod
-    def per_layer(
-        cls, model: PyTree, init_lr: float, steps: Optional[int] = None, adapt_filter: Any = eqx.is_inexact_array
-    ) -> "LearnedLR":
-        """One rate per adapted tensor (per layer), and per step when `steps` is given (LSLR)."""
-        _check_lr("init_lr", init_lr)
-        shape = () if steps is None else (steps,)
-        if steps is not None and (not isinstance(steps, numbers.Integral) or steps < 1):
-            raise ValueError(f"LearnedLR.per_layer: steps={steps!r}; expected an integer >= 1 or None")
-        rates = jax.tree.map(lambda a: jnp.full(shape, init_lr, a.dtype), eqx.filter(model, adapt_filter))
-        return cls(model, rates, per_step=steps is not None)
-
+    @abc.abstractmethod
     def rates(self, step: Int[Array, ""]) -> PyTree:
         """The rates used at inner step `step`."""
-        return jax.tree.map(lambda r: r[step], self.lr) if self.per_step else self.lr
-
-    def __call__(self, *args, **kwargs):
-        """The network's output (for plotting / per-example use; losses see `network(model, k)`)."""
-        return network(self)(*args, **kwargs)
 
 
-def _check_lr(name: str, lr: Any) -> None:
-    if isinstance(lr, numbers.Real) and not lr > 0:
-        raise ValueError(f"{name}={lr!r}; expected a positive number")
+class Adaptation(eqx.Module):
+    """What an inner loop returns: the adapted model (same type as the model passed in), the support loss
+    before each step `[K]`, the query loss after each step `[K]` (None unless a query set was passed),
+    and strategy diagnostics (`aux`, a dict of arrays)."""
+
+    model: PyTree
+    support_losses: Float[Array, " K"]
+    query_losses: Optional[Float[Array, " K"]] = None
+    aux: dict = eqx.field(default_factory=dict)
 
 
 def network(model: PyTree, step: Any = 0) -> PyTree:
-    """The network a loss sees at inner step `step`: unwrapped from `LearnedLR`, `at_step` if per-step."""
-    net = model.model if isinstance(model, LearnedLR) else model
+    """The network a loss sees at inner step `step`: unwrapped from its learned rates, `at_step` if per-step."""
+    net = model.model if isinstance(model, AbstractLearnedRates) else model
     return net.at_step(step) if isinstance(net, AbstractPerStepModel) else net
 
 
@@ -100,7 +85,7 @@ class InnerLoop(eqx.Module):
 
     - `loss_fn(model, x, y) -> scalar`: the task loss; `x`, `y` are one task's batch (examples first).
     - `steps`: number of SGD steps K (0 means no adaptation).
-    - `lr`: the inner learning rate (a `LearnedLR` model brings its own, learned, rates instead).
+    - `lr`: the inner learning rate (an `AbstractLearnedRates` model brings its own, learned, rates).
     - `adapt_filter`: an Equinox filter (callable on leaves, or a pytree of bools shaped like the network)
       choosing which leaves adapt; the others stay at their meta-learned value (ANIL: only the head).
     - `checkpoint_every`: 0 keeps every step's intermediates for the outer backward pass (memory O(K));
@@ -133,13 +118,14 @@ class InnerLoop(eqx.Module):
             raise ValueError(f"InnerLoop: unroll={u!r}; expected an integer >= 0 (0: always lax.scan)")
 
     def adapt(
-        self, model: PyTree, x: Array, y: Array, *, strategy: AbstractStrategy = SecondOrder()
+        self, model: PyTree, x: Array, y: Array, *, strategy: Optional["AbstractStrategy"] = None
     ) -> tuple[PyTree, Float[Array, " steps"]]:
         """Adapt `model` on `(x, y)`; return the adapted model and the support loss before each step.
 
-        Differentiable in `model` as `strategy` says (second order by default).
+        Differentiable in `model` as `strategy` says (None: every inner gradient is differentiated, i.e.
+        second order).
         """
-        a = strategy.adapt(self, model, x, y)
+        a = self.run(model, x, y) if strategy is None else strategy.adapt(self, model, x, y)
         return a.model, a.support_losses
 
     def query_loss(self, adapted: PyTree, x: Array, y: Array) -> Float[Array, ""]:
@@ -152,21 +138,22 @@ class InnerLoop(eqx.Module):
         x: Array,
         y: Array,
         *,
-        strategy: AbstractStrategy = SecondOrder(),
+        inner_gradient: Callable[[PyTree], PyTree] = lambda grads: grads,
         query: Optional[tuple[Array, Array]] = None,
         proximal: Optional[tuple[PyTree, float]] = None,
     ) -> Adaptation:
-        """The differentiable loop itself (strategies call it): `strategy.inner_gradient` at every step.
+        """The differentiable loop itself (strategies call it): `inner_gradient(grads)` is the gradient of
+        every SGD update (the strategy's transform; identity: second order).
 
         `query = (qx, qy)`: also the query loss after each step `[K]`. `proximal = (centre, lam)` adds
         `lam/2 ||p - centre||^2` to the support loss (iMAML); `centre` is shaped like the adapted params.
         Reported support losses are `loss_fn` alone, before each step.
         """
-        net, lrs = (model.model, model) if isinstance(model, LearnedLR) else (model, None)
+        net, lrs = (model.model, model) if isinstance(model, AbstractLearnedRates) else (model, None)
         params, frozen = eqx.partition(net, self.adapt_filter)
-        if lrs is not None and jax.tree.structure(lrs.lr) != jax.tree.structure(params):
+        if lrs is not None and jax.tree.structure(lrs.rates(0)) != jax.tree.structure(params):
             raise ValueError(
-                f"LearnedLR: lr has structure {jax.tree.structure(lrs.lr)}; expected that of the adapted "
+                f"{type(lrs).__name__}: rates have structure {jax.tree.structure(lrs.rates(0))}; expected that of the adapted "
                 f"leaves, {jax.tree.structure(params)} (build it with the InnerLoop's adapt_filter)"
             )
 
@@ -182,7 +169,7 @@ class InnerLoop(eqx.Module):
 
         def step(p, k):
             (_, loss), grads = jax.value_and_grad(total, has_aux=True)(p, k)
-            grads = strategy.inner_gradient(grads)
+            grads = inner_gradient(grads)
             if lrs is None:
                 p = jax.tree.map(lambda a, g: a - self.lr * g, p, grads)
             else:

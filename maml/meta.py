@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
+from .algorithms.base import AbstractStrategy
+from .algorithms.order import SecondOrder
 from .batching import AbstractBatching, Vmap
 from .inner import InnerLoop, network
-from .strategies import AbstractStrategy, SecondOrder
 from .tasks import Task, check_batch
 
 

@@ -35,10 +35,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Int, PyTree
 
+from .algorithms.base import AbstractStrategy
+from .algorithms.order import SecondOrder
 from .batching import AbstractBatching, Vmap
 from .inner import InnerLoop
 from .meta import MetaTrainState, SampledStep, make_train_step
-from .strategies import AbstractStrategy, SecondOrder
 
 AXIS = "devices"
 """Name of the device axis, for `lax.pmean` / `lax.axis_index` inside the per-device step."""
@@ -153,9 +154,29 @@ def _device_step(step, num_devices: int):
     return run
 
 
-def _split(state, sampler):
-    """Array leaves (mapped over devices) and the rest (closed over) of `(state, sampler)`."""
-    return eqx.partition((state, sampler), eqx.is_array)
+def _data_parallel(optimizer, inner, strategy, batching, num_devices, map_devices) -> SampledStep:
+    """The data-parallel sampling step; `map_devices(per_device, devices)` maps
+    `per_device(dynamic state and sampler, position int32 scalar)` over the device positions `[D]`,
+    broadcasting the first argument and returning it unstacked."""
+    devices = select_devices(num_devices)
+    n = len(devices)
+    device_step = _device_step(make_train_step(optimizer, inner, strategy=strategy, batching=AllReduce(batching)), n)
+
+    def step(state: MetaTrainState, sampler):
+        # Array leaves are mapped over devices, the rest (static) is closed over.
+        dynamic, static = eqx.partition((state, sampler), eqx.is_array)
+        out_static = []
+
+        def per_device(dynamic, position: Int[Array, ""]):
+            out, metrics = device_step(*eqx.combine(dynamic, static), position)
+            out_dynamic, s = eqx.partition(out, eqx.is_array)
+            out_static.append(s)
+            return out_dynamic, metrics
+
+        out_dynamic, metrics = map_devices(per_device, devices)(dynamic, jnp.arange(n, dtype=jnp.int32))
+        return eqx.combine(out_dynamic, out_static[-1]), metrics
+
+    return step
 
 
 def pmap_train_step(
@@ -175,25 +196,8 @@ def pmap_train_step(
     """
     if jax.process_count() > 1:
         raise ValueError(f"pmap_train_step: {jax.process_count()} processes; use sharded_train_step across processes")
-    devices = select_devices(num_devices)
-    n = len(devices)
-    device_step = _device_step(make_train_step(optimizer, inner, strategy=strategy, batching=AllReduce(batching)), n)
-
-    def step(state: MetaTrainState, sampler):
-        dynamic, static = _split(state, sampler)
-        out_static = []
-
-        def per_device(dynamic, position):
-            out, metrics = device_step(*eqx.combine(dynamic, static), position)
-            out_dynamic, s = eqx.partition(out, eqx.is_array)
-            out_static.append(s)
-            return out_dynamic, metrics
-
-        mapped = jax.pmap(per_device, AXIS, in_axes=(None, 0), out_axes=None, devices=devices)
-        out_dynamic, metrics = mapped(dynamic, jnp.arange(n, dtype=jnp.int32))
-        return eqx.combine(out_dynamic, out_static[-1]), metrics
-
-    return step
+    pmapped = lambda per_device, devices: jax.pmap(per_device, AXIS, in_axes=(None, 0), out_axes=None, devices=devices)
+    return _data_parallel(optimizer, inner, strategy, batching, num_devices, pmapped)
 
 
 def sharded_train_step(
@@ -210,24 +214,10 @@ def sharded_train_step(
     State, sampler and metrics are replicated (`PartitionSpec()`); the device positions `[D]` are split
     (`PartitionSpec("devices")`), so each device samples its own slice of the batch.
     """
-    devices = select_devices(num_devices)
-    n = len(devices)
-    mesh = Mesh(devices, (AXIS,))
-    device_step = _device_step(make_train_step(optimizer, inner, strategy=strategy, batching=AllReduce(batching)), n)
-    replicated, split = PartitionSpec(), PartitionSpec(AXIS)
 
-    def step(state: MetaTrainState, sampler):
-        dynamic, static = _split(state, sampler)
-        out_static = []
+    def sharded(per_device, devices):
+        replicated, split = PartitionSpec(), PartitionSpec(AXIS)
+        return jax.shard_map(lambda dynamic, position: per_device(dynamic, position[0]), mesh=Mesh(devices, (AXIS,)),
+                             in_specs=(replicated, split), out_specs=replicated)
 
-        def per_device(dynamic, position: Int[Array, " 1"]):
-            out, metrics = device_step(*eqx.combine(dynamic, static), position[0])
-            out_dynamic, s = eqx.partition(out, eqx.is_array)
-            out_static.append(s)
-            return out_dynamic, metrics
-
-        mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(replicated, split), out_specs=replicated)
-        out_dynamic, metrics = mapped(dynamic, jnp.arange(n, dtype=jnp.int32))
-        return eqx.combine(out_dynamic, out_static[-1]), metrics
-
-    return step
+    return _data_parallel(optimizer, inner, strategy, batching, num_devices, sharded)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import maml
-from maml.layers import batch_norm, conv3x3, max_pool_2x2
+from benchmarks.conv_forms import Mixed, Shifted, Winograd
+from maml.nn import Im2Col, LaxConv, batch_norm, max_pool_2x2
 
 # Correctness tests: the graphs are big and run once, so compile them without backend optimisation.
 _jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -32,10 +33,10 @@ def ref_bn(x, s, o, eps=1e-5):
     return (x - mean) / jnp.sqrt(var + eps) * s + o
 
 
-class RefConv4(maml.AbstractBatchModel):
+class RefConv4(maml.nn.AbstractBatchModel):
     """The same parameters as a `Conv4`, run with plain lax.conv / reduce_window / textbook batch norm."""
 
-    net: maml.Conv4
+    net: maml.nn.Conv4
 
     def __call__(self, x):
         n = self.net
@@ -53,8 +54,8 @@ def tiny_tasks(key, b=2, ways=3, shots=2, queries=2, size=16, channels=1):
     return maml.Task(sx, sy, qx, qy)
 
 
-def tiny_model(key, impl="auto", filters=3, size=16, channels=1, ways=3):
-    net = maml.Conv4(channels, ways, filters, size, conv_impl=impl, key=key)
+def tiny_model(key, conv=Im2Col(), filters=3, size=16, channels=1, ways=3):
+    net = maml.nn.Conv4(channels, ways, filters, size, conv=conv, key=key)
     # Non-trivial batch-norm parameters so their gradients are exercised.
     k1, k2 = jax.random.split(jax.random.fold_in(key, 7))
     scales = tuple(1.0 + 0.1 * jax.random.normal(jax.random.fold_in(k1, i), s.shape) for i, s in enumerate(net.bn_scales))
@@ -68,13 +69,13 @@ def rel_err(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
 
 
-@pytest.mark.parametrize("impl", ["im2col", "shifted", "lax", "mixed", "winograd"])
-def test_conv_impls_match_lax(x64, impl):
+@pytest.mark.parametrize("conv", [Im2Col(), LaxConv(), Shifted(), Mixed(), Winograd()], ids=lambda c: type(c).__name__)
+def test_conv_forms_match_lax(x64, conv):
     kx, kw, kt = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(kx, (2, 7, 6, 3))
     w = jax.random.normal(kw, (3, 3, 3, 4))
-    np.testing.assert_allclose(conv3x3(x, w, impl), ref_conv(x, w), rtol=1e-12, atol=1e-12)
-    f = lambda x, w: jnp.sum(jnp.sin(conv3x3(x, w, impl)))
+    np.testing.assert_allclose(conv(x, w), ref_conv(x, w), rtol=1e-12, atol=1e-12)
+    f = lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
     g = lambda x, w: jnp.sum(jnp.sin(ref_conv(x, w)))
     for a, b in zip(_jit(jax.grad(f, (0, 1)))(x, w), _jit(jax.grad(g, (0, 1)))(x, w)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
@@ -113,24 +114,24 @@ def test_batch_norm_matches_textbook(x64):
 
 
 def test_conv4_shapes_and_errors():
-    net = maml.Conv4(key=jax.random.PRNGKey(0))
+    net = maml.nn.Conv4(key=jax.random.PRNGKey(0))
     assert net(jnp.zeros((4, 28, 28, 1))).shape == (4, 5)
-    assert maml.Conv4(3, 5, 32, 84, key=jax.random.PRNGKey(0)).head_weight.shape == (5 * 5 * 32, 5)  # 84->42->21->10->5
+    assert maml.nn.Conv4(3, 5, 32, 84, key=jax.random.PRNGKey(0)).head_weight.shape == (5 * 5 * 32, 5)  # 84->42->21->10->5
     with pytest.raises(ValueError, match="filters=0"):
-        maml.Conv4(filters=0, key=jax.random.PRNGKey(0))
-    with pytest.raises(ValueError, match="conv_impl='fft'"):
-        maml.Conv4(conv_impl="fft", key=jax.random.PRNGKey(0))
+        maml.nn.Conv4(filters=0, key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="conv='fft'; expected a maml.nn.AbstractConv3x3"):
+        maml.nn.Conv4(conv="fft", key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match=r"x has shape \(4, 28, 28\)"):
         net(jnp.zeros((4, 28, 28)))
-    with pytest.raises(ValueError, match="impl='x'"):
-        conv3x3(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 2)), "x")
+    with pytest.raises(ValueError, match=r"x has shape \(1, 4, 4, 1\) and w \(3, 3, 2, 2\)"):
+        Im2Col()(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 2, 2)))
 
 
 def test_meta_gradient_matches_reference(x64):
     key = jax.random.PRNGKey(5)
     net = tiny_model(key)
     tasks = tiny_tasks(jax.random.fold_in(key, 1))
-    inner = maml.InnerLoop(maml.losses.cross_entropy, 2, 0.4)
+    inner = maml.InnerLoop(maml.nn.cross_entropy, 2, 0.4)
     fn = _jit(lambda m: maml.meta_value_and_grad(m, tasks, inner))
     (loss, grads), (ref_loss, ref_grads) = fn(net), fn(RefConv4(net))
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
@@ -142,7 +143,7 @@ def test_meta_gradient_finite_differences(x64):
     key = jax.random.PRNGKey(6)
     net = tiny_model(key)
     task = jax.tree.map(lambda a: a[0], tiny_tasks(jax.random.fold_in(key, 1), b=1))
-    inner = maml.InnerLoop(maml.losses.cross_entropy, 1, 0.4)
+    inner = maml.InnerLoop(maml.nn.cross_entropy, 1, 0.4)
     params, static = eqx.partition(net, eqx.is_inexact_array)
     loss = lambda p: maml.meta_loss(eqx.combine(p, static), task, inner)
     f, grads = _jit(loss), _jit(jax.grad(loss))(params)
@@ -157,9 +158,9 @@ def test_meta_gradient_finite_differences(x64):
 
 def test_meta_hvp_forward_over_reverse_matches_reference(x64):
     key = jax.random.PRNGKey(8)
-    net = tiny_model(key, impl=("im2col", "shifted", "lax", "im2col"))
+    net = tiny_model(key, conv=(Im2Col(), Shifted(), LaxConv(), Im2Col()))
     task = jax.tree.map(lambda a: a[0], tiny_tasks(jax.random.fold_in(key, 1), b=1))
-    inner = maml.InnerLoop(maml.losses.cross_entropy, 1, 0.4)
+    inner = maml.InnerLoop(maml.nn.cross_entropy, 1, 0.4)
 
     @_jit
     def hvp(model):
@@ -176,7 +177,7 @@ def test_batchings_agree():
     key = jax.random.PRNGKey(9)
     net = tiny_model(key)
     tasks = tiny_tasks(jax.random.fold_in(key, 1), b=2)
-    inner = maml.InnerLoop(maml.losses.cross_entropy, 1, 0.4)
+    inner = maml.InnerLoop(maml.nn.cross_entropy, 1, 0.4)
     fn = _jit(lambda net, tasks, b: maml.meta_value_and_grad(net, tasks, inner, strategy=maml.FirstOrder(),
                                                                 batching=b)[1], static_argnums=2)
     outs = [fn(net, tasks, b) for b in (maml.Vmap(), maml.Unroll())]

@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from maml import MLP, InnerLoop, Task, losses
+import maml
+from maml import InnerLoop, Task
+from maml import nn as losses
+from maml.nn import MLP
 from maml import curvature as C
-from maml.lanczos import dot_pair, gauss_quadrature, lanczos
-from maml.task_curvature import meta_objective, support_objective, task_curvature
+from maml.curvature import dot_pair, gauss_quadrature, lanczos
+from maml.curvature import meta_objective, support_objective, task_curvature
 
 
 # Tests compile many small programs: a lower XLA backend optimisation level compiles about a third faster.
@@ -58,7 +61,7 @@ def _rel(a, b):
     return np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b)))
 
 
-MODES = (C.ForwardOverReverse(), C.ReverseOverReverse())
+MODES = (maml.ForwardOverReverse(), maml.ReverseOverReverse())
 
 
 def test_hvp_equals_dense_hessian_times_v(x64):
@@ -94,7 +97,7 @@ def test_forward_mode_blocked_by_custom_vjp_falls_back(x64):
     H, unravel = _dense_reference(f, p)
     assert _rel(ravel_pytree(got)[0], H @ np.asarray(ravel_pytree(v)[0])) < 1e-12
     with pytest.raises(ValueError, match="fallback=False forbids"):
-        C.hvp(f, p, v, mode=C.ForwardOverReverse(fallback=False))
+        C.hvp(f, p, v, mode=maml.ForwardOverReverse(fallback=False))
 
 
 def test_gauss_newton_equals_dense_jt_h_j(x64):

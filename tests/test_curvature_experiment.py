@@ -98,7 +98,7 @@ def test_curvature_experiment_on_a_sinusoid_run_matches_the_dense_batch_meta_hes
 @pytest.mark.slow  # minutes: compiling the Conv4's HVP programs
 def test_curvature_experiment_on_an_omniglot_run(shared_data, tmp_path_factory):
     from experiments import curvature
-    from maml.losses import cross_entropy
+    from maml.nn import cross_entropy
 
     run, out, results = _curvature_run(shared_data, tmp_path_factory)
     saved = json.loads((out / "results.json").read_text())
@@ -143,14 +143,14 @@ def test_curvature_experiment_on_an_omniglot_run(shared_data, tmp_path_factory):
 
 @pytest.mark.slow  # minutes: compiling the Conv4's HVP programs
 def test_curvature_experiment_logs_to_wandb_offline(shared_data, tmp_path_factory, monkeypatch, tmp_path):
-    from maml.logging import find_offline_runs, read_offline_run
+    from launch.offline_runs import find_offline_runs, read_offline_run
     from test_logging import isolate_wandb
 
     isolate_wandb(monkeypatch, tmp_path)
     monkeypatch.chdir(tmp_path)
     _, out, results = _curvature_run(shared_data, tmp_path_factory, wandb="offline")
     (run_dir,) = find_offline_runs(out / "wandb")
-    logged = read_offline_run(run_dir)
+    logged = read_offline_run(run_dir, wait=30)
     assert logged.exit_code == 0 and logged.job_type == "curvature"
     assert logged.config["wandb"] == "offline" and logged.config["tasks"] == 2
     saved = json.loads((out / "results.json").read_text())

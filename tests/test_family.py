@@ -39,7 +39,7 @@ def _task(key, n=6, d=1):
 
 
 def _mlp(key, hidden=(6, 6)):
-    return maml.MLP(1, 1, hidden, jnp.tanh, key=key)
+    return maml.nn.MLP(1, 1, hidden, jnp.tanh, key=key)
 
 
 def _fd_check(f, model, grad_fn, key, num=3, eps=1e-5, rtol=1e-6, extra=lambda m: None):
@@ -73,7 +73,7 @@ def _grad(model, task, inner, strategy):
 def test_anil_fd_and_head_only(x64):
     key = jax.random.PRNGKey(0)
     model, task = _mlp(key), _task(key)
-    inner = maml.InnerLoop(maml.losses.mse, STEPS, LR, maml.head_filter(model))
+    inner = maml.InnerLoop(maml.nn.mse, STEPS, LR, maml.head_filter(model))
     f = lambda m: maml.meta_loss(m, task, inner)
     g, adapted = _fd_check(f, model, _grad_fn(task, inner, maml.SecondOrder()), key,
                            extra=lambda m: inner.adapt(m, task.support_x, task.support_y)[0])
@@ -88,11 +88,11 @@ def test_second_order_unchanged(x64):
     """The default strategy is still exact MAML: one step by hand."""
     key = jax.random.PRNGKey(1)
     model, task = _mlp(key), _task(key)
-    inner = maml.InnerLoop(maml.losses.mse, 1, LR)
+    inner = maml.InnerLoop(maml.nn.mse, 1, LR)
 
     def by_hand(m):
-        g = eqx.filter_grad(lambda mm: maml.losses.mse(mm, task.support_x, task.support_y))(m)
-        return maml.losses.mse(eqx.apply_updates(m, jax.tree.map(lambda a: -LR * a, g)), task.query_x, task.query_y)
+        g = eqx.filter_grad(lambda mm: maml.nn.mse(mm, task.support_x, task.support_y))(m)
+        return maml.nn.mse(eqx.apply_updates(m, jax.tree.map(lambda a: -LR * a, g)), task.query_x, task.query_y)
 
     got, want = _jit(lambda m: (_grad_fn(task, inner, maml.SecondOrder())(m), eqx.filter_grad(by_hand)(m)))(model)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -103,10 +103,10 @@ def test_first_order_fd(x64):
     """FOMAML differentiates theta -> L_Q(theta + delta) with the inner displacement delta held fixed."""
     key = jax.random.PRNGKey(2)
     model, task = _mlp(key), _task(key)
-    inner = maml.InnerLoop(maml.losses.mse, STEPS, LR)
+    inner = maml.InnerLoop(maml.nn.mse, STEPS, LR)
     adapted, _ = _jit(inner.adapt)(model, task.support_x, task.support_y)
     delta = jax.tree.map(lambda a, b: a - b, eqx.filter(adapted, eqx.is_inexact_array), eqx.filter(model, eqx.is_inexact_array))
-    f = lambda m: maml.losses.mse(eqx.apply_updates(m, delta), task.query_x, task.query_y)
+    f = lambda m: maml.nn.mse(eqx.apply_updates(m, delta), task.query_x, task.query_y)
     _fd_check(f, model, _grad_fn(task, inner, maml.FirstOrder()), key)
 
 
@@ -119,7 +119,7 @@ def test_learned_rates_fd(x64, kind):
     else:
         model = maml.LearnedLR.per_layer(net, LR, steps=STEPS)
         model = eqx.tree_at(lambda m: m.lr, model, jax.tree.map(lambda r: r * jnp.arange(1.0, STEPS + 1), model.lr))
-    inner = maml.InnerLoop(maml.losses.mse, STEPS, 123.0)  # lr ignored: the model brings its rates
+    inner = maml.InnerLoop(maml.nn.mse, STEPS, 123.0)  # lr ignored: the model brings its rates
     g, adapted = _fd_check(lambda m: maml.meta_loss(m, task, inner), model, _grad_fn(task, inner, maml.SecondOrder()),
                            key, extra=lambda m: inner.adapt(m, task.support_x, task.support_y)[0])
     assert all(bool(jnp.all(r != 0)) for r in jax.tree.leaves(g.lr))  # every rate (and step) is learned
@@ -133,7 +133,7 @@ def test_multi_step_loss(x64):
     assert float(w_half[-1]) > 0.25 > float(w_half[0]) >= 0.03 / 4
     key = jax.random.PRNGKey(4)
     model, task = _mlp(key), _task(key)
-    inner = maml.InnerLoop(maml.losses.mse, STEPS, LR)
+    inner = maml.InnerLoop(maml.nn.mse, STEPS, LR)
     s = maml.MultiStepLoss(maml.SecondOrder(), anneal_steps=10).at_step(jnp.asarray(3))
     f = lambda m: maml.meta_loss(m, task, inner, strategy=s)
     _, (loss, aux) = _fd_check(f, model, _grad_fn(task, inner, s), key,
@@ -145,7 +145,7 @@ def test_multi_step_loss(x64):
 def test_annealed_order(x64):
     key = jax.random.PRNGKey(5)
     model, task = _mlp(key), _task(key)
-    inner = maml.InnerLoop(maml.losses.mse, STEPS, LR)
+    inner = maml.InnerLoop(maml.nn.mse, STEPS, LR)
     da = maml.AnnealedOrder(first_order_steps=100)
     grads = _jit(lambda m: [_grad_fn(task, inner, s)(m) for s in (
         da.at_step(jnp.asarray(99)), maml.FirstOrder(), da.at_step(jnp.asarray(100)), maml.SecondOrder())])(model)
@@ -155,7 +155,7 @@ def test_annealed_order(x64):
     assert not np.allclose(jax.tree.leaves(grads[1])[0], jax.tree.leaves(grads[3])[0])
 
 
-class PerStepBNMLP(maml.AbstractBatchModel, maml.AbstractPerStepModel):
+class PerStepBNMLP(maml.nn.AbstractBatchModel, maml.AbstractPerStepModel):
     """x [N, 1] -> linear -> batch norm (batch statistics; scale/offset per inner step [S, H]) -> tanh -> linear."""
 
     w1: jax.Array
@@ -183,7 +183,7 @@ class PerStepBNMLP(maml.AbstractBatchModel, maml.AbstractPerStepModel):
 def test_per_step_batch_norm_fd(x64):
     key = jax.random.PRNGKey(6)
     model, task = PerStepBNMLP(5, STEPS + 1, key=key), _task(key)
-    inner = maml.InnerLoop(maml.losses.mse, STEPS, LR)
+    inner = maml.InnerLoop(maml.nn.mse, STEPS, LR)
     g, _ = _fd_check(lambda m: maml.meta_loss(m, task, inner), model, _grad_fn(task, inner, maml.SecondOrder()), key,
                      rtol=1e-5)
     used = jnp.abs(g.scale).sum(axis=1)
@@ -192,28 +192,28 @@ def test_per_step_batch_norm_fd(x64):
 
 @pytest.mark.slow  # compiling a second-order Conv4 meta-gradient in float64: ~1-1.5 min on 2 busy cores
 def test_per_step_conv4_fd(x64):
-    """`maml.PerStepConv4` (MAML++ per-step batch norm on Conv4) under LSLR, as `--algorithm mamlpp
+    """`maml.nn.PerStep` of a Conv4 (MAML++ per-step batch norm) under LSLR, as `--algorithm mamlpp
     --mamlpp-per-step-bn` builds it: the second-order meta-gradient against finite differences; step k's
     support and query losses use row k; at_step views and step 0 match a Conv4 with those rows."""
     from experiments.algorithms import AlgorithmConfig, build_algorithm
 
     key = jax.random.PRNGKey(14)
     k1, k2, k3, k4 = jax.random.split(key, 4)
-    net = maml.PerStepConv4(1, 3, 2, 16, steps=STEPS + 1, key=k1)
-    assert net.steps == STEPS + 1 and net.bn_scales[0].shape == (STEPS + 1, 2)
+    net = maml.nn.PerStep(maml.nn.Conv4(1, 3, 2, 16, key=k1), STEPS + 1)
+    assert net.steps == STEPS + 1 and net.model.bn_scales[0].shape == (STEPS + 1, 2)
     # distinct rows, so that using the wrong step's row would show
-    net = eqx.tree_at(lambda m: (m.bn_scales, m.bn_offsets), net, (
-        tuple(s + 0.2 * jax.random.normal(jax.random.fold_in(k2, i), s.shape) for i, s in enumerate(net.bn_scales)),
-        tuple(0.1 * jax.random.normal(jax.random.fold_in(k3, i), o.shape) for i, o in enumerate(net.bn_offsets))))
+    net = eqx.tree_at(lambda m: (m.model.bn_scales, m.model.bn_offsets), net, (
+        tuple(s + 0.2 * jax.random.normal(jax.random.fold_in(k2, i), s.shape) for i, s in enumerate(net.model.bn_scales)),
+        tuple(0.1 * jax.random.normal(jax.random.fold_in(k3, i), o.shape) for i, o in enumerate(net.model.bn_offsets))))
     x = jax.random.uniform(k4, (12, 16, 16, 1))
     y = jnp.arange(12, dtype=jnp.int32) % 3
     task = maml.Task(x[:6], y[:6], x[6:], y[6:])
-    plain = maml.Conv4(1, 3, 2, 16, key=k1)
+    plain = maml.nn.Conv4(1, 3, 2, 16, key=k1)
     steps = (0, 1, STEPS, STEPS + 3)  # past the last row: clamped
 
     def views(n, p):
         with_rows = lambda r: eqx.tree_at(lambda m: (m.bn_scales, m.bn_offsets), p, (
-            tuple(s[r] for s in n.bn_scales), tuple(o[r] for o in n.bn_offsets)))
+            tuple(s[r] for s in n.model.bn_scales), tuple(o[r] for o in n.model.bn_offsets)))
         return [maml.network(n, jnp.int32(k))(x) for k in steps], [with_rows(min(k, STEPS))(x) for k in steps], n(x)
 
     got, want, called = _jit(views)(net, plain)
@@ -222,12 +222,12 @@ def test_per_step_conv4_fd(x64):
     np.testing.assert_allclose(called, want[0], rtol=1e-12)
 
     algo = build_algorithm(AlgorithmConfig("mamlpp", mamlpp_per_step_bn=True, mamlpp_msl=False), net,
-                           maml.losses.cross_entropy, inner_steps=STEPS, inner_lr=LR, outer_lr=1e-3, iterations=10)
-    assert isinstance(algo.model, maml.LearnedLR) and isinstance(algo.model.model, maml.PerStepConv4)
+                           maml.nn.cross_entropy, inner_steps=STEPS, inner_lr=LR, outer_lr=1e-3, iterations=10)
+    assert isinstance(algo.model, maml.LearnedLR) and isinstance(algo.model.model, maml.nn.PerStep)
     inner = algo.inner
     g, _ = _fd_check(lambda m: maml.meta_loss(m, task, inner), algo.model, _grad_fn(task, inner, algo.strategy), key,
                      num=2, rtol=1e-5)
-    for scale, offset in zip(g.model.bn_scales, g.model.bn_offsets):
+    for scale, offset in zip(g.model.model.bn_scales, g.model.model.bn_offsets):
         used = jnp.abs(scale).sum(axis=1) + jnp.abs(offset).sum(axis=1)
         assert bool(jnp.all(used[:STEPS] > 0)) and float(used[STEPS]) == 0.0  # step k's row, k < K only
 
@@ -236,11 +236,11 @@ def test_reptile_relations(x64):
     key = jax.random.PRNGKey(7)
     model, task = _mlp(key), _task(key)
     same = maml.Task(task.support_x, task.support_y, task.support_x, task.support_y)
-    inner = maml.InnerLoop(maml.losses.mse, 2, LR)
+    inner = maml.InnerLoop(maml.nn.mse, 2, LR)
 
     @eqx.filter_jit
     def run(m):
-        support_grad = eqx.filter_grad(lambda mm: maml.losses.mse(mm, task.support_x, task.support_y))(m)
+        support_grad = eqx.filter_grad(lambda mm: maml.nn.mse(mm, task.support_x, task.support_y))(m)
         one, two = (_grad_fn(task, inner.with_steps(k), maml.Reptile())(m) for k in (1, 2))
         adapted = inner.adapt(m, task.support_x, task.support_y)[0]
         fo = _grad_fn(same, inner.with_steps(1), maml.FirstOrder())(m)
@@ -265,18 +265,18 @@ def test_imaml_exact_on_quadratic(x64):
     model, task, lam = eqx.nn.Linear(2, 1, key=key), _task(key, n=5, d=2), 4.0
     arrays, static = eqx.partition(model, eqx.is_inexact_array)
     flat, unravel = ravel_pytree(arrays)
-    support = lambda u: maml.losses.mse(eqx.combine(unravel(u), static), task.support_x, task.support_y)
+    support = lambda u: maml.nn.mse(eqx.combine(unravel(u), static), task.support_x, task.support_y)
     eig = jnp.linalg.eigvalsh(jax.hessian(support)(flat)) + lam
     lr = float(2 / (eig[0] + eig[-1]))  # optimal GD step: contraction (k - 1)/(k + 1), k the condition number
     steps = int(np.ceil(np.log(1e-15) / np.log((eig[-1] - eig[0]) / (eig[-1] + eig[0]))))
-    inner = maml.InnerLoop(maml.losses.mse, min(steps, 120), lr)
+    inner = maml.InnerLoop(maml.nn.mse, min(steps, 120), lr)
     strategy = maml.Implicit(lam=lam, cg_steps=3)
 
     def closed_form(m):
         u = ravel_pytree(eqx.filter(m, eqx.is_inexact_array))[0]
         h = jax.hessian(support)(u)
         phi = u - jnp.linalg.solve(h + lam * jnp.eye(u.size), jax.grad(support)(u))
-        return maml.losses.mse(eqx.combine(unravel(phi), static), task.query_x, task.query_y)
+        return maml.nn.mse(eqx.combine(unravel(phi), static), task.query_x, task.query_y)
 
     g, (loss, aux, want) = _fd_check(
         closed_form, model, _grad_fn(task, inner, strategy), key,
@@ -314,7 +314,7 @@ def test_checkpointed_inner_loop_same_gradient(x64):
     key = jax.random.PRNGKey(10)
     net, task = _mlp(key), _task(key)
     model = maml.LearnedLR.per_layer(net, LR, steps=3)
-    plain = maml.InnerLoop(maml.losses.mse, 3, LR)
+    plain = maml.InnerLoop(maml.nn.mse, 3, LR)
     loops = [dataclasses.replace(plain, checkpoint_every=n) for n in (0, 1, 2)]
     ref, *others = _jit(lambda m: [_grad_fn(task, l, maml.SecondOrder())(m) for l in loops])(model)
     for got in others:
@@ -325,11 +325,11 @@ def test_checkpointed_inner_loop_same_gradient(x64):
 def test_unsupported_combinations_raise():
     key = jax.random.PRNGKey(11)
     model, task = _mlp(key), _task(key)
-    inner = maml.InnerLoop(maml.losses.mse, 2, LR)
+    inner = maml.InnerLoop(maml.nn.mse, 2, LR)
     with pytest.raises(ValueError, match="Implicit: model is a LearnedLR"):
         maml.meta_loss(maml.LearnedLR.per_parameter(model, LR), task, inner, strategy=maml.Implicit())
     with pytest.raises(ValueError, match="adapt_filter leaves inexact arrays frozen"):
-        maml.meta_loss(model, task, maml.InnerLoop(maml.losses.mse, 2, LR, maml.head_filter(model)),
+        maml.meta_loss(model, task, maml.InnerLoop(maml.nn.mse, 2, LR, maml.head_filter(model)),
                        strategy=maml.Implicit())
     with pytest.raises(ValueError, match="Reptile: model is a LearnedLR"):
         maml.meta_loss(maml.LearnedLR.per_parameter(model, LR), task, inner, strategy=maml.Reptile())
@@ -338,8 +338,8 @@ def test_unsupported_combinations_raise():
     with pytest.raises(ValueError, match="expected >= 1"):
         maml.meta_loss(model, task, inner.with_steps(0), strategy=maml.MultiStepLoss())
     with pytest.raises(ValueError, match="checkpoint_every=-1"):
-        maml.InnerLoop(maml.losses.mse, 2, LR, checkpoint_every=-1)
-    with pytest.raises(ValueError, match="LearnedLR: lr has structure"):
+        maml.InnerLoop(maml.nn.mse, 2, LR, checkpoint_every=-1)
+    with pytest.raises(ValueError, match="LearnedLR: rates have structure"):
         maml.meta_loss(maml.LearnedLR.per_parameter(model, LR, maml.head_filter(model)), task, inner)
     with pytest.raises(ValueError, match="head_filter: model is a Linear"):
         maml.head_filter(eqx.nn.Linear(2, 2, key=key))
@@ -355,14 +355,14 @@ def test_algorithm_option():
     with pytest.raises(ValueError, match="--algorithm='maml2'; expected one of maml"):
         AlgorithmConfig(algorithm="maml2")
     with pytest.raises(ValueError, match="--inner-checkpoint=2 with --algorithm=imaml"):
-        build_algorithm(AlgorithmConfig("imaml", 2), None, maml.losses.mse, inner_steps=1, inner_lr=0.1,
+        build_algorithm(AlgorithmConfig("imaml", 2), None, maml.nn.mse, inner_steps=1, inner_lr=0.1,
                         outer_lr=1e-3, iterations=10)
     with pytest.raises(ValueError, match="--mamlpp-per-step-bn with a MLP"):
         build_algorithm(AlgorithmConfig("mamlpp", mamlpp_per_step_bn=True), _mlp(jax.random.PRNGKey(0)),
-                        maml.losses.mse, inner_steps=1, inner_lr=0.1, outer_lr=1e-3, iterations=10)
+                        maml.nn.mse, inner_steps=1, inner_lr=0.1, outer_lr=1e-3, iterations=10)
     key = jax.random.PRNGKey(12)
     tasks = jax.tree.map(lambda *a: jnp.stack(a), _task(key), _task(jax.random.PRNGKey(13)))
-    algos = [build_algorithm(AlgorithmConfig(name, imaml_lambda=20.0), _mlp(key, (4,)), maml.losses.mse, inner_steps=2,
+    algos = [build_algorithm(AlgorithmConfig(name, imaml_lambda=20.0), _mlp(key, (4,)), maml.nn.mse, inner_steps=2,
                              inner_lr=0.05, outer_lr=1e-2, iterations=100) for name in ALGORITHMS]
 
     def three_steps(algo, state):  # the same training step for every algorithm; 3 meta-iterations

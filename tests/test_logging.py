@@ -10,17 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import maml
 from experiments import tracking
-from maml.logging import (
-    AbstractLogger,
-    ConsoleLogger,
-    MultiLogger,
-    WandbLogger,
-    chunk_scalars,
-    find_offline_runs,
-    flatten,
-    read_offline_run,
-)
+from launch.offline_runs import find_offline_runs, read_offline_run
+from maml import AbstractLogger, ConsoleLogger, MultiLogger, WandbLogger
+from maml.training.loggers import chunk_scalars, flatten
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--iterations", "200", "--steps-per-call", "100", "--baseline-iterations", "100", "--eval-tasks", "20",
@@ -123,8 +117,10 @@ def test_flatten_and_chunk_scalars():
 def test_console_and_multi_logger():
     lines, rec = [], Recorder()
     logger = MultiLogger(ConsoleLogger(every=2, print_fn=lines.append), rec)
+    hook = logger.hook(every=10)  # as maml.fit calls it, with the metrics since its last call
+    assert isinstance(hook, maml.Hook) and hook.every == 10
     for step in (10, 20, 30):
-        logger.on_chunk(step, {"meta_loss": np.array([float(step)])})
+        hook.fn(maml.StepInfo(step, None, {"meta_loss": np.array([float(step)])}, False))
     logger.log_summary({"a": 1})
     logger.finish()
     assert lines == ["step 20: train/meta_loss=20"]
@@ -167,7 +163,7 @@ def test_wandb_logger_offline_roundtrip(tmp_path):
     logger.finish()
 
     (run_dir,) = find_offline_runs(tmp_path / "runs", run_id=logger.run.id)
-    run = read_offline_run(run_dir)
+    run = read_offline_run(run_dir, wait=30)
     assert (run.run_id, run.project, run.group, run.job_type) == (logger.run.id, "p", "g", "unit")
     assert run.config == {"lr": 0.1, "hidden": [40, 40], "extra": "yes"}
     rows = [(r["_step"], {k: v for k, v in r.items() if k.startswith("train/")}) for r in run.history]
@@ -183,7 +179,7 @@ def test_a_failing_run_is_finished_and_never_reused(tmp_path):
         with WandbLogger(mode="offline", dir=tmp_path / "a", project="p") as failed:
             failed.log_scalars(1, {"loss": 1.0})
             raise RuntimeError("boom")
-    assert read_offline_run(failed.run_dir).exit_code == 1
+    assert read_offline_run(failed.run_dir, wait=30).exit_code == 1
     # wandb's default would hand an active run back to the next wandb.init; a logger owns its own run
     active = WandbLogger(mode="offline", dir="relative", project="p")  # resolved against the cwd now
     second = WandbLogger(mode="offline", dir=tmp_path / "b", project="p")
@@ -192,7 +188,7 @@ def test_a_failing_run_is_finished_and_never_reused(tmp_path):
     second.finish()
     active.finish()
     active.finish()  # finishing twice is harmless
-    assert read_offline_run(active.run_dir).exit_code == 0
+    assert read_offline_run(active.run_dir, wait=30).exit_code == 0
 
 
 def test_reader_rejects_other_files(tmp_path):
@@ -228,7 +224,7 @@ def test_sinusoid_offline_run_reads_back(tmp_path, monkeypatch):
     (rec,) = recorders
 
     (run_dir,) = find_offline_runs(out / "wandb")
-    run = read_offline_run(run_dir)
+    run = read_offline_run(run_dir, wait=30)
     assert run.exit_code == 0 and run.group == "tests" and run.job_type == "sinusoid"
     assert run.config == json.loads((out / "config.json").read_text())
     assert run.config["iterations"] == 200 and run.config["wandb"] == "offline"
@@ -262,7 +258,7 @@ def test_omniglot_offline_run_reads_back(tmp_path, monkeypatch, shared_data, tmp
         "--out", str(out), "--wandb", "offline", "--wandb-group", "tests"])
 
     (run_dir,) = find_offline_runs(out / "wandb")
-    run = read_offline_run(run_dir)
+    run = read_offline_run(run_dir, wait=30)
     assert run.exit_code == 0 and run.group == "tests" and run.job_type == "omniglot"
     assert run.config == json.loads((out / "config.json").read_text())
     assert run.config["iterations"] == 4 and run.config["wandb"] == "offline" and run.config["algorithm"] == "maml"
@@ -309,23 +305,17 @@ def test_disabled_writes_nothing_and_opens_no_socket(toy, monkeypatch):
 def test_curvature_diagnostics_go_to_the_training_log(tmp_path, monkeypatch):
     from experiments import sinusoid
 
-    logged = []
-    monkeypatch.setattr(sinusoid, "plot_fits", lambda path, *a, **k: path.write_bytes(b""))
-    real_train = sinusoid.train
+    from PIL import Image
 
-    def spy(*args, on_chunk=None, **kwargs):
-        def record(step, metrics):
-            logged.append((step, sorted(k for k in metrics if k.startswith("curv/"))))
-            if on_chunk is not None:
-                on_chunk(step, metrics)
-        return real_train(*args, on_chunk=record, **kwargs)
-
-    monkeypatch.setattr(sinusoid, "train", spy)
+    monkeypatch.setattr(sinusoid, "plot_fits", lambda path, *a, **k: Image.new("RGB", (16, 8), "white").save(path))
+    out = tmp_path / "run"
     sinusoid.main(["--iterations", "40", "--steps-per-call", "20", "--checkpoint-every", "40", "--hidden", "8",
                    "--baseline-iterations", "10", "--eval-tasks", "4", "--eval-points", "4", "--eval-steps", "0,1",
-                   "--curvature-every", "20", "--curvature-tasks", "2", "--no-progress", "--wandb", "disabled",
-                   "--out", str(tmp_path / "run")])
-    with_curv = [step for step, keys in logged if "curv/inner_stability_max" in keys and "curv/meta_top" in keys]
+                   "--curvature-every", "20", "--curvature-tasks", "2", "--no-progress", "--wandb", "offline",
+                   "--out", str(out)])
+    (run_dir,) = find_offline_runs(out / "wandb")
+    history = read_offline_run(run_dir, wait=30).history
+    with_curv = [r["_step"] for r in history if "curv/inner_stability_max" in r and "curv/meta_top" in r]
     assert with_curv == [20, 40]
 
 

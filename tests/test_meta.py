@@ -13,7 +13,7 @@ import maml
 
 
 def tiny_mlp(key):
-    return maml.MLP(1, 1, (5, 4), activation=jnp.tanh, key=key)
+    return maml.nn.MLP(1, 1, (5, 4), activation=jnp.tanh, key=key)
 
 
 def sine_tasks(key, num_tasks=3, shots=6, queries=7):
@@ -42,7 +42,7 @@ def test_second_order_meta_gradient_matches_finite_differences(x64, steps, unrol
     """Both forms of the inner loop: traced straight-line (steps <= unroll) and `lax.scan` (unroll=0)."""
     model = tiny_mlp(jax.random.PRNGKey(0))
     task = jax.tree.map(lambda a: a[0], sine_tasks(jax.random.PRNGKey(1)))
-    inner = maml.InnerLoop(maml.losses.mse, steps, 0.05, unroll=unroll)
+    inner = maml.InnerLoop(maml.nn.mse, steps, 0.05, unroll=unroll)
     f = jax.jit(lambda m: maml.meta_loss(m, task, inner))
     g = flat_grad(eqx.filter_grad(f)(model))
     g_fd = fd_grad(f, model)
@@ -57,10 +57,10 @@ def test_second_order_meta_gradient_matches_finite_differences(x64, steps, unrol
 def test_first_order_is_query_gradient_at_adapted_parameters(x64, steps):
     model = tiny_mlp(jax.random.PRNGKey(2))
     task = jax.tree.map(lambda a: a[0], sine_tasks(jax.random.PRNGKey(3)))
-    inner = maml.InnerLoop(maml.losses.mse, steps, 0.05)
+    inner = maml.InnerLoop(maml.nn.mse, steps, 0.05)
     g_fo = eqx.filter_grad(lambda m: maml.meta_loss(m, task, inner, strategy=maml.FirstOrder()))(model)
     adapted = inner.adapt(model, task.support_x, task.support_y)[0]
-    closed = eqx.filter_grad(lambda m: maml.losses.mse(m, task.query_x, task.query_y))(adapted)
+    closed = eqx.filter_grad(lambda m: maml.nn.mse(m, task.query_x, task.query_y))(adapted)
     np.testing.assert_allclose(flat_grad(g_fo), flat_grad(closed), rtol=1e-12, atol=1e-14)
 
 
@@ -69,7 +69,7 @@ def test_unrolled_and_scanned_inner_loops_agree(x64):
     task = jax.tree.map(lambda a: a[0], sine_tasks(jax.random.PRNGKey(5)))
     results = []
     for unroll in (0, 5):
-        inner = maml.InnerLoop(maml.losses.mse, 5, 0.05, unroll=unroll)
+        inner = maml.InnerLoop(maml.nn.mse, 5, 0.05, unroll=unroll)
         loss, aux = maml.meta_loss_and_aux(model, task, inner)
         results.append((loss, aux["support_losses"], flat_grad(eqx.filter_grad(lambda m: maml.meta_loss(m, task, inner))(model))))
         kinds = {e.primitive.name for e in jax.make_jaxpr(lambda m: maml.meta_loss(m, task, inner))(model).eqns}
@@ -82,7 +82,7 @@ def test_unrolled_and_scanned_inner_loops_agree(x64):
 def test_vmap_of_grad_equals_grad_of_vmap_and_batchings_agree(x64):
     model = tiny_mlp(jax.random.PRNGKey(4))
     tasks = sine_tasks(jax.random.PRNGKey(5), num_tasks=4)
-    inner = maml.InnerLoop(maml.losses.mse, 2, 0.05)
+    inner = maml.InnerLoop(maml.nn.mse, 2, 0.05)
     per_task = jax.vmap(lambda t: flat_grad(eqx.filter_grad(lambda m: maml.meta_loss(m, t, inner))(model)))(tasks)
     vmap_of_grad = np.asarray(per_task).mean(axis=0)
     for batching in (maml.Vmap(), maml.Map(), maml.Map(batch_size=2), maml.Unroll()):
@@ -95,7 +95,7 @@ def test_vmap_of_grad_equals_grad_of_vmap_and_batchings_agree(x64):
 def test_jit_equals_no_jit(x64):
     model = tiny_mlp(jax.random.PRNGKey(6))
     tasks = sine_tasks(jax.random.PRNGKey(7))
-    inner = maml.InnerLoop(maml.losses.mse, 2, 0.05)
+    inner = maml.InnerLoop(maml.nn.mse, 2, 0.05)
     eager = maml.meta_value_and_grad(model, tasks, inner)
     jitted = eqx.filter_jit(maml.meta_value_and_grad)(model, tasks, inner)
     np.testing.assert_allclose(eager[0], jitted[0], rtol=1e-12)
@@ -107,7 +107,7 @@ def test_adapt_filter_keeps_other_leaves_fixed_in_the_inner_loop():
     head_only = jax.tree.map(lambda _: False, model)
     head_only = eqx.tree_at(lambda m: m.layers[-1], head_only, replace_fn=lambda l: jax.tree.map(lambda _: True, l))
     task = jax.tree.map(lambda a: a[0], sine_tasks(jax.random.PRNGKey(9)))
-    inner = maml.InnerLoop(maml.losses.mse, 3, 0.1, adapt_filter=head_only)
+    inner = maml.InnerLoop(maml.nn.mse, 3, 0.1, adapt_filter=head_only)
     adapted, losses = inner.adapt(model, task.support_x, task.support_y)
     for before, after in zip(jax.tree.leaves(model.layers[:-1]), jax.tree.leaves(adapted.layers[:-1])):
         np.testing.assert_array_equal(before, after)
@@ -121,7 +121,7 @@ def test_adapt_filter_keeps_other_leaves_fixed_in_the_inner_loop():
 def test_train_step_compiles_once_and_learns():
     traces = {"n": 0}
     optimizer = optax.adam(1e-2)
-    inner = maml.InnerLoop(maml.losses.mse, 1, 0.01)
+    inner = maml.InnerLoop(maml.nn.mse, 1, 0.01)
     step = maml.make_train_step(optimizer, inner)
 
     def counting(state, tasks):
@@ -129,7 +129,7 @@ def test_train_step_compiles_once_and_learns():
         return step(state, tasks)
 
     jitted = eqx.filter_jit(counting)
-    state = maml.init_state(maml.MLP(1, 1, (40, 40), key=jax.random.PRNGKey(0)), optimizer, jax.random.PRNGKey(1))
+    state = maml.init_state(maml.nn.MLP(1, 1, (40, 40), key=jax.random.PRNGKey(0)), optimizer, jax.random.PRNGKey(1))
     losses = []
     tasks = sine_tasks(jax.random.PRNGKey(100), num_tasks=8, shots=10, queries=10)
     for i in range(30):
@@ -148,7 +148,7 @@ def test_task_shape_errors():
         maml.Task(x, x, x, y)
     uneven = maml.Task(jnp.zeros((2, 5, 1)), jnp.zeros((2, 5, 1)), jnp.zeros((3, 4, 1)), jnp.zeros((3, 4, 1)))
     with pytest.raises(ValueError, match=r"query_x has shape \(3, 4, 1\); expected a leading task axis of 2"):
-        maml.meta_value_and_grad(tiny_mlp(jax.random.PRNGKey(0)), uneven, maml.InnerLoop(maml.losses.mse, 1, 0.1))
+        maml.meta_value_and_grad(tiny_mlp(jax.random.PRNGKey(0)), uneven, maml.InnerLoop(maml.nn.mse, 1, 0.1))
     batch = maml.Task(jnp.zeros((2, 5, 1)), jnp.zeros((2, 4, 1)), jnp.zeros((2, 3, 1)), jnp.zeros((2, 3, 1)))
     with pytest.raises(ValueError, match=r"support_x has 5 examples but support_y has 4"):
         maml.check_batch(batch)
@@ -163,4 +163,4 @@ def test_task_shape_errors():
 ])
 def test_inner_loop_rejects_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        maml.InnerLoop(maml.losses.mse, **kwargs)
+        maml.InnerLoop(maml.nn.mse, **kwargs)

@@ -267,16 +267,16 @@ def config_of(*argv: str) -> omniglot.OmniglotConfig:
 def test_algorithm_flags_build_their_pieces():
     key = jax.random.PRNGKey(0)
     build = lambda *argv: omniglot.make_algorithm(config_of("--filters", "4", *argv), key)
-    assert isinstance(build().strategy, maml.SecondOrder) and isinstance(build().model, maml.Conv4)
+    assert isinstance(build().strategy, maml.SecondOrder) and isinstance(build().model, maml.nn.Conv4)
     assert isinstance(build("--first-order").strategy, maml.FirstOrder)  # --first-order: FOMAML, as before
     assert isinstance(build("--algorithm", "fomaml").strategy, maml.FirstOrder)
     anil = build("--algorithm", "anil")
     assert eqx.tree_equal(anil.inner.adapt_filter, maml.head_filter(anil.model))
     assert isinstance(build("--algorithm", "metasgd").model, maml.LearnedLR)
     pp = build("--algorithm", "mamlpp", "--mamlpp-per-step-bn", "--inner-steps", "2")
-    assert isinstance(pp.model, maml.LearnedLR) and isinstance(pp.model.model, maml.PerStepConv4)
+    assert isinstance(pp.model, maml.LearnedLR) and isinstance(pp.model.model, maml.nn.PerStep)
     assert pp.model.model.steps == 2 and isinstance(pp.strategy, maml.MultiStepLoss)
-    assert isinstance(build("--algorithm", "mamlpp").model.model, maml.Conv4)
+    assert isinstance(build("--algorithm", "mamlpp").model.model, maml.nn.Conv4)
     assert isinstance(build("--algorithm", "reptile").strategy, maml.Reptile)
     assert isinstance(build("--algorithm", "imaml").strategy, maml.Implicit)
     with pytest.raises(ValueError, match="--first-order with --algorithm=reptile"):
@@ -300,9 +300,9 @@ def test_evaluation_adapts_with_learned_rates():
     after = omniglot.task_accuracies(frozen, images, config, key, 4, algo.inner, algo.strategy)
     tasks = omniglot._draw(episode_sampler(images, config.ways, config.shots, config.queries, 4),
                            jax.random.fold_in(key, 0))
-    before = eqx.filter_jit(lambda m, ts: jax.vmap(lambda t: maml.losses.accuracy(m, t.query_x, t.query_y))(ts))(
+    before = eqx.filter_jit(lambda m, ts: jax.vmap(lambda t: maml.nn.accuracy(m, t.query_x, t.query_y))(ts))(
         frozen.model, tasks)
     np.testing.assert_array_equal(after, np.asarray(before))
     plain = omniglot.task_accuracies(frozen.model, images, config, key, 4, maml.InnerLoop(
-        maml.losses.cross_entropy, 2, 5.0))  # a plain inner loop with a big step does change them
+        maml.nn.cross_entropy, 2, 5.0))  # a plain inner loop with a big step does change them
     assert not np.array_equal(plain, after)

@@ -36,8 +36,8 @@ def _problem():
     import maml
 
     optimizer = optax.adam(1e-2)
-    inner = maml.InnerLoop(maml.losses.mse, 1, 0.01)
-    model = maml.MLP(1, 1, HIDDEN, key=jax.random.PRNGKey(0))
+    inner = maml.InnerLoop(maml.nn.mse, 1, 0.01)
+    model = maml.nn.MLP(1, 1, HIDDEN, key=jax.random.PRNGKey(0))
     return optimizer, inner, maml.init_state(model, optimizer, jax.random.PRNGKey(1))
 
 
@@ -48,7 +48,7 @@ def _fit(step, state, sampler) -> dict[str, np.ndarray]:
 
     import maml
 
-    out = maml.parallel.to_local(maml.fit(state, step, sampler, num_steps=STEPS, steps_per_call=STEPS, progress=False))
+    out = maml.parallel.to_local(maml.fit(state, step, sampler, num_steps=STEPS, steps_per_call=STEPS, progress=False).state)
     leaves = jax.tree.leaves(eqx.filter(out.model, eqx.is_array))
     return {f"p{i}": np.asarray(a) for i, a in enumerate(leaves)} | {"step": np.asarray(out.step)}
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from launch import sweep
-from maml.logging import read_offline_run
+from launch.offline_runs import read_offline_run
 from test_logging import toy  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]

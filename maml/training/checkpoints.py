@@ -1,7 +1,9 @@
-"""Atomic checkpoints of any pytree (Equinox serialisation + temp file + rename), and parameter hashes."""
+"""Atomic checkpoints of any pytree (Equinox serialisation + temp file + rename, SHA-256 sidecar), the
+`Checkpointer` that `maml.fit` writes them with, and parameter hashes."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -18,6 +20,18 @@ from jaxtyping import PyTree
 
 T = TypeVar("T")
 _NAME = re.compile(r"^ckpt_(\d{9})\.eqx$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded (one line naming the file and why)."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """The file's bytes do not match the SHA-256 recorded beside it (truncated, or overwritten)."""
+
+
+class IncompatibleCheckpoint(CheckpointError):
+    """An intact checkpoint of another structure (another model, config or train state)."""
 
 
 def params_sha256(tree: PyTree) -> str:
@@ -76,25 +90,56 @@ def list_checkpoints(directory: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, like: T) -> T:
-    """Load a checkpoint into the structure of `like`; ValueError naming the file if it is corrupt."""
+    """Load a checkpoint into the structure of `like`.
+
+    Raises `CorruptCheckpoint` if its bytes do not match its sidecar's SHA-256, `IncompatibleCheckpoint`
+    if it holds another structure (both name the file)."""
     path = Path(path)
     data = path.read_bytes()
     meta = json.loads(path.with_suffix(".json").read_text())
     if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-        raise ValueError(f"checkpoint {path} is corrupt: its SHA-256 does not match {path.with_suffix('.json').name}")
+        raise CorruptCheckpoint(f"checkpoint {path} is corrupt: its SHA-256 does not match {path.with_suffix('.json').name}")
     try:
         return eqx.tree_deserialise_leaves(io.BytesIO(data), like)
     except Exception as e:  # shape/structure mismatch from another model or experiment
-        raise ValueError(f"checkpoint {path} does not fit this model/config: {e}") from None
+        raise IncompatibleCheckpoint(f"checkpoint {path} does not fit this model/config: {e}") from None
 
 
 def latest_checkpoint(directory: Path, like: T) -> Optional[tuple[int, T]]:
-    """The newest loadable checkpoint as `(step, tree)`, falling back past corrupt ones; None if none."""
+    """The newest loadable checkpoint as `(step, tree)`, falling back past corrupt ones (with a warning);
+    None if there is none. An intact checkpoint of another structure raises `IncompatibleCheckpoint`."""
     for path in reversed(list_checkpoints(directory)):
         try:
             return int(_NAME.match(path.name).group(1)), load_checkpoint(path, like)
-        except ValueError as e:
-            if "does not fit" in str(e):
-                raise
+        except CorruptCheckpoint as e:
             warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpointer:
+    """Where and how often `maml.fit` checkpoints: `directory/ckpt_<step>.eqx` every `every` steps (and at
+    the end, and when a SIGTERM / Ctrl-C arrives), keeping the newest `keep`.
+
+    `restore(state)` is the newest checkpoint in the folder (or `state` when there is none): `fit` starts
+    from it, so running the same command again resumes.
+    """
+
+    directory: Path
+    every: int
+    keep: int = 3
+
+    def __post_init__(self):
+        for name in ("every", "keep"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Checkpointer: {name}={value!r}; expected a positive integer")
+        object.__setattr__(self, "directory", Path(self.directory))
+
+    def restore(self, state: T) -> tuple[Optional[int], T]:
+        """`(step of the checkpoint, state)` from the newest loadable checkpoint; `(None, state)` if none."""
+        found = latest_checkpoint(self.directory, state)
+        return (None, state) if found is None else found
+
+    def save(self, step: int, state: PyTree) -> Path:
+        return save_checkpoint(self.directory, step, state, keep=self.keep)

@@ -1,31 +1,25 @@
-"""Experiment loggers behind one small interface, and a reader for wandb's offline run files.
+"""Experiment loggers behind one small interface.
 
 A logger is a value the caller constructs and hands around; the library has no flags of its own:
 
     logger = MultiLogger(ConsoleLogger(), WandbLogger(mode="offline", project="maml", dir=out))
     logger.log_config(config_dict)
-    fit(..., on_chunk=logger.on_chunk)          # the training curve, one row per compiled chunk
+    fit(..., hooks=[logger.hook(every=1000)])   # the training curve: mean metrics every 1000 steps
     logger.log_scalars(step, {"test/mse": 0.3})
     logger.log_image("fits", "fits.png")
     logger.log_summary(results)
     logger.finish()
-
-`read_offline_run(path)` reads back what a `WandbLogger` wrote in offline mode (config, history,
-summary, exit code) without a server; `find_offline_runs(folder)` lists such runs.
 """
 
 from __future__ import annotations
 
 import abc
-import dataclasses
-import json
-import struct
-import time
-import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
+
+from .fit import Hook, StepInfo
 
 Image = Union[str, Path, np.ndarray]
 MODES = ("online", "offline", "disabled")
@@ -74,9 +68,14 @@ class AbstractLogger(abc.ABC):
     @abc.abstractmethod
     def finish(self, exit_code: int = 0) -> None: ...
 
-    def on_chunk(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """`fit`'s `on_chunk` callback: the chunk's mean metrics as `train/NAME` at `step`."""
-        self.log_scalars(step, chunk_scalars(metrics))
+    def hook(self, every: int) -> Hook:
+        """A `maml.fit` hook logging the mean metrics of the last `every` steps as `train/NAME`."""
+
+        def log(info: StepInfo) -> None:
+            if info.metrics:
+                self.log_scalars(info.step, chunk_scalars(info.metrics))
+
+        return Hook(log, every)
 
     def __enter__(self) -> "AbstractLogger":
         return self
@@ -192,148 +191,12 @@ class WandbLogger(AbstractLogger):
     def log_summary(self, summary: Mapping[str, Any]) -> None:
         self.run.summary.update(dict(summary))
 
-    def finish(self, exit_code: int = 0, timeout: float = 60.0) -> None:
-        """Finish the run (once; later calls do nothing); offline, wait (up to `timeout` s) until its file
-        is complete on disk."""
+    def finish(self, exit_code: int = 0) -> None:
+        """Finish the run (once; later calls do nothing)."""
         if self._finished:
             return
         self._finished = True
-        offline = self.run.settings.mode == "offline"
-        run_dir = self.run_dir
         self.run.finish(exit_code=exit_code)
-        deadline = time.monotonic() + timeout
-        while offline and time.monotonic() < deadline:  # wandb-core may still be flushing the file
-            try:
-                if read_offline_run(run_dir).exit_code is not None:
-                    return
-            except ValueError:
-                pass
-            time.sleep(0.1)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Reading offline run files: wandb's transaction log (LevelDB log format of protobuf `Record`s).
-
-_HEADER = b":W&B" + struct.pack("<HB", 0xBEE1, 0)
-_BLOCK = 32 * 1024
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
-_TYPE_CRC = [zlib.crc32(bytes([t])) for t in range(5)]
-
-
-@dataclasses.dataclass
-class OfflineRun:
-    """What one offline wandb run recorded. `exit_code` is None when the run never finished."""
-
-    path: Path
-    run_id: str = ""
-    project: str = ""
-    group: str = ""
-    name: str = ""
-    job_type: str = ""
-    tags: tuple[str, ...] = ()
-    config: dict[str, Any] = dataclasses.field(default_factory=dict)
-    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
-    files: list[str] = dataclasses.field(default_factory=list)
-    exit_code: Optional[int] = None
-
-    def scalars(self, key: str) -> list[tuple[int, float]]:
-        """`(step, value)` for each history row holding `key`."""
-        return [(row["_step"], row[key]) for row in self.history if key in row]
-
-
-def _records(data: bytes) -> Iterator[bytes]:
-    """Payloads of the log's records; stops quietly at a torn tail (a run still being written)."""
-    if not data.startswith(_HEADER):
-        raise ValueError(f"not a wandb run file: header {data[:7]!r}")
-    pos, parts = len(_HEADER), b""
-    while pos + 7 <= len(data):
-        left = _BLOCK - pos % _BLOCK
-        if left < 7:  # block trailer padding
-            pos += left
-            continue
-        checksum, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        payload = data[pos + 7:pos + 7 + length]
-        if kind not in range(1, 5) or len(payload) < length:
-            return
-        if zlib.crc32(payload, _TYPE_CRC[kind]) & 0xFFFFFFFF != checksum:
-            return
-        pos += 7 + length
-        parts = payload if kind in (_FULL, _FIRST) else parts + payload
-        if kind in (_FULL, _LAST):
-            yield parts
-
-
-def _set(tree: dict, item: Any) -> None:
-    keys = list(item.nested_key) or [item.key]
-    for k in keys[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[keys[-1]] = json.loads(item.value_json)
-
-
-def _remove(tree: dict, item: Any) -> None:
-    keys = list(item.nested_key) or [item.key]
-    for k in keys[:-1]:
-        tree = tree.get(k, {})
-    tree.pop(keys[-1], None)
-
-
-def _config(update: Any, config: dict) -> None:
-    for item in update.update:
-        _set(config, item)
-    for item in update.remove:
-        _remove(config, item)
-
-
-def read_offline_run(path: Union[str, Path]) -> OfflineRun:
-    """Read a `run-ID.wandb` file, or the run folder holding one (config without wandb's `_wandb`)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    path = Path(path)
-    if path.is_dir():
-        found = sorted(path.glob("run-*.wandb"))
-        if not found:
-            raise ValueError(f"read_offline_run: no run-*.wandb file in {str(path)!r}")
-        path = found[0]
-    run = OfflineRun(path=path)
-    for payload in _records(path.read_bytes()):
-        record = pb.Record()
-        record.ParseFromString(payload)
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            r = record.run
-            run.run_id, run.project, run.group = r.run_id, r.project, r.run_group
-            run.name, run.job_type, run.tags = r.display_name, r.job_type, tuple(r.tags)
-            _config(r.config, run.config)
-        elif kind == "config":
-            _config(record.config, run.config)
-        elif kind == "history":
-            row: dict[str, Any] = {}
-            for item in record.history.item:
-                _set(row, item)
-            run.history.append(row)
-        elif kind == "summary":
-            for item in record.summary.update:
-                _set(run.summary, item)
-            for item in record.summary.remove:
-                _remove(run.summary, item)
-        elif kind == "files":
-            run.files += [f.path for f in record.files.files]
-        elif kind == "exit":
-            run.exit_code = record.exit.exit_code
-    run.config.pop("_wandb", None)
-    for key in ("_wandb", "_runtime", "_timestamp", "_step"):
-        run.summary.pop(key, None)
-    return run
-
-
-def find_offline_runs(folder: Union[str, Path], run_id: Optional[str] = None) -> list[Path]:
-    """Offline run folders under `folder` (searched recursively), oldest first; optionally one run id."""
-    pattern = f"offline-run-*-{run_id}" if run_id else "offline-run-*"
-    return sorted((p for p in Path(folder).rglob(pattern) if p.is_dir()), key=lambda p: p.name)
-
-
-__all__: Sequence[str] = (
-    "AbstractLogger", "ConsoleLogger", "MultiLogger", "OfflineRun", "WandbLogger", "chunk_scalars",
-    "find_offline_runs", "flatten", "read_offline_run",
-)
+__all__: Sequence[str] = ("AbstractLogger", "ConsoleLogger", "MultiLogger", "WandbLogger", "chunk_scalars", "flatten")

@@ -3,7 +3,7 @@
 The inner loop runs K SGD steps (not differentiated) on `L_S(phi) + lam/2 ||phi - theta||^2`, giving
 `phi*`. At an exact minimiser, `d phi*/d theta = (I + H/lam)^{-1}` with `H` the Hessian of `L_S` at
 `phi*`, so the meta-gradient is `(I + H/lam)^{-1} grad L_Q(phi*)`: a linear solve by conjugate gradient
-on Hessian-vector products (`maml.curvature.Hessian`, forward-over-reverse), with lineax's `CG`.
+on Hessian-vector products (`maml.ForwardOverReverse` by default), with lineax's `CG`.
 Memory is flat in K (nothing of the inner loop is kept for the backward pass).
 
 lineax's CG (checked in 0.1.1): it needs the operator *tagged* positive (or negative) semi-definite and
@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, Float, PyTree
 
-from .curvature import AbstractHVPMode, ForwardOverReverse, Hessian
-from .inner import AbstractPerStepModel, LearnedLR
-from .strategies import AbstractStrategy, Adaptation
+from ..autodiff import AbstractHVPMode, ForwardOverReverse
+from ..inner import AbstractLearnedRates, AbstractPerStepModel, Adaptation
+from .base import AbstractStrategy
 
 
 def _dot(a: PyTree, b: PyTree) -> Float[Array, ""]:
@@ -39,7 +39,7 @@ class Implicit(AbstractStrategy):
     """iMAML's implicit meta-gradient. `lam`: proximal strength (> 0); `cg_steps`: CG iterations (the
     paper uses 5); `cg_rtol`: stop earlier once lineax's relative tolerance is met (0: always `cg_steps`).
 
-    Unsupported (ValueError): a `LearnedLR` model, per-step models, and frozen inexact-array leaves (an
+    Unsupported (ValueError): a model with learned rates, per-step models, and frozen inexact-array leaves (an
     `adapt_filter` leaving arrays out: `phi*` would depend on them through `L_S`, which is not modelled).
     """
 
@@ -60,8 +60,9 @@ class Implicit(AbstractStrategy):
         return jax.lax.stop_gradient(grads)
 
     def _split(self, inner, model):
-        if isinstance(model, LearnedLR):
-            raise ValueError("Implicit: model is a LearnedLR; iMAML does not differentiate inner learning rates")
+        if isinstance(model, AbstractLearnedRates):
+            raise ValueError(f"Implicit: model is a {type(model).__name__}; iMAML does not differentiate inner "
+                             "learning rates")
         if isinstance(model, AbstractPerStepModel):
             raise ValueError(
                 f"Implicit: model is a per-step model ({type(model).__name__}); the proximal inner problem "
@@ -81,7 +82,7 @@ class Implicit(AbstractStrategy):
         adapted leaves). Returns `(u, relative residual ||(I + H/lam) u - b|| / ||b||, breakdown)`; on a
         CG breakdown (non-finite solution) `u = b`, first-order iMAML's direction, and `breakdown` is True."""
         f = lambda p: inner.loss_fn(eqx.combine(p, frozen), x, y)
-        hv = Hessian(f, self.mode).linear_map(phi)
+        hv = self.mode.linear_map(f, phi)
         matvec = lambda v: jax.tree.map(lambda a, h: a + h / self.lam, v, hv(v))
         structure = jax.eval_shape(lambda: b)
         op = lx.FunctionLinearOperator(matvec, structure, tags=lx.positive_semidefinite_tag)
@@ -99,7 +100,8 @@ class Implicit(AbstractStrategy):
         def phi_star(p, fa, x_, y_, q_):
             # The proximal centre is p itself; nothing here is differentiated (bwd gives the derivative).
             p = jax.lax.stop_gradient(p)
-            a = inner.run(eqx.combine(p, fa, static), x_, y_, strategy=self, query=q_, proximal=(p, self.lam))
+            a = inner.run(eqx.combine(p, fa, static), x_, y_, inner_gradient=self.inner_gradient, query=q_,
+                          proximal=(p, self.lam))
             return eqx.filter(a.model, inner.adapt_filter), a.support_losses, a.query_losses
 
         def fwd(p, fa, x_, y_, q_):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int
 
-from .models import apply
+from .base import apply
 
 
 def mse(model: Callable, x: Float[Array, "N ..."], y: Float[Array, "N ..."]) -> Float[Array, ""]:

@@ -11,20 +11,12 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from .curvature import (
-    AbstractHVPMode,
-    AbstractTraceEstimator,
-    ForwardOverReverse,
-    HutchPlusPlus,
-    Largest,
-    Smallest,
-    _num_iters,
-    lanczos_ritz,
-    trace,
-)
-from .inner import InnerLoop
-from .meta import meta_loss
-from .tasks import Task, check_batch
+from ..autodiff import AbstractHVPMode, ForwardOverReverse
+from ..inner import AbstractLearnedRates, AbstractPerStepModel, InnerLoop
+from ..meta import meta_loss
+from ..tasks import Task, check_batch
+from .eigenvalues import Largest, Smallest, check_num_iters, lanczos_ritz
+from .traces import AbstractTraceEstimator, HutchPlusPlus, trace
 
 Objective = tuple[Callable[[PyTree], Float[Array, ""]], PyTree]
 
@@ -32,10 +24,7 @@ Objective = tuple[Callable[[PyTree], Float[Array, ""]], PyTree]
 def support_objective(model: PyTree, task: Task, inner: InnerLoop) -> Objective:
     """`(f, params)`: `f(params)` is `inner.loss_fn` on one task's support set, differentiated w.r.t. the
     leaves the inner loop adapts (`inner.adapt_filter`); the other leaves are held fixed."""
-    from . import inner as _inner
-
-    wrappers = tuple(getattr(_inner, n) for n in ("LearnedLR", "AbstractPerStepModel") if hasattr(_inner, n))
-    if isinstance(model, wrappers):
+    if isinstance(model, (AbstractLearnedRates, AbstractPerStepModel)):
         raise ValueError(
             f"support_objective: model is a {type(model).__name__}; expected a plain network (learned inner "
             "rates and per-step models are not supported by the support-loss diagnostics yet)"
@@ -93,7 +82,7 @@ def _dimension(params: PyTree) -> int:
 
 def _spectrum(objective: Objective, k, num_iters, trace_method, mode, key, what):
     f, params = objective
-    m = _num_iters(num_iters, _dimension(params), k, what)
+    m = check_num_iters(num_iters, _dimension(params), k, what)
     k1, k2 = jax.random.split(key)
     theta, bounds, *_ = lanczos_ritz(f, params, key=k1, num_iters=m, mode=mode)
     top = Largest().order(theta)[:k]

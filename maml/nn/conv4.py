@@ -1,0 +1,86 @@
+"""The MAML paper's Omniglot / mini-ImageNet network (Conv4), for any image size and channel count."""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from .base import AbstractBatchModel
+from .layers import AbstractConv3x3, Im2Col, batch_norm, max_pool_2x2
+
+
+class Conv4(AbstractBatchModel):
+    """Conv4 on a whole batch: `x [N, H, W, C] -> [N, classes]`.
+
+    Four blocks of 3x3 SAME convolution (no bias), batch norm with the batch's own statistics (learned
+    scale and offset, no running statistics), ReLU and 2x2 max-pool (VALID), then a linear head on the
+    flattened `[s, s, filters]` features (`s = image_size` halved four times, rounding down). The MAML
+    paper uses 64 filters on Omniglot (28x28x1) and 32 on mini-ImageNet (84x84x3). `conv` is the
+    convolution of every block (`maml.nn.Im2Col()` by default), or a sequence of four.
+    """
+
+    conv_weights: tuple[Float[Array, "3 3 cin cout"], ...]
+    bn_scales: tuple[Float[Array, " cout"], ...]
+    bn_offsets: tuple[Float[Array, " cout"], ...]
+    head_weight: Float[Array, "features classes"]
+    head_bias: Float[Array, " classes"]
+    convs: tuple[AbstractConv3x3, ...]
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 5,
+        filters: int = 64,
+        image_size: int = 28,
+        *,
+        conv: Union[AbstractConv3x3, Sequence[AbstractConv3x3]] = Im2Col(),
+        key: PRNGKeyArray,
+    ):
+        for name, value, low in (
+            ("in_channels", in_channels, 1), ("num_classes", num_classes, 1),
+            ("filters", filters, 1), ("image_size", image_size, 16),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"Conv4: {name}={value!r}; expected an integer >= {low}")
+        convs = (conv,) * 4 if isinstance(conv, AbstractConv3x3) else tuple(conv)
+        if len(convs) != 4 or not all(isinstance(c, AbstractConv3x3) for c in convs):
+            raise ValueError(f"Conv4: conv={conv!r}; expected a maml.nn.AbstractConv3x3 (e.g. Im2Col()) or 4 of them")
+        keys = jax.random.split(key, 5)
+        weights, cin = [], in_channels
+        for k in keys[:4]:
+            bound = 1.0 / (9 * cin) ** 0.5  # PyTorch's default (Kaiming uniform, a=sqrt(5))
+            weights.append(jax.random.uniform(k, (3, 3, cin, filters), minval=-bound, maxval=bound))
+            cin = filters
+        size = image_size
+        for _ in range(4):
+            size //= 2
+        features = size * size * filters
+        bound = 1.0 / features**0.5
+        kw, kb = jax.random.split(keys[4])
+        self.conv_weights = tuple(weights)
+        self.bn_scales = tuple(jnp.ones((filters,)) for _ in range(4))
+        self.bn_offsets = tuple(jnp.zeros((filters,)) for _ in range(4))
+        self.head_weight = jax.random.uniform(kw, (features, num_classes), minval=-bound, maxval=bound)
+        self.head_bias = jax.random.uniform(kb, (num_classes,), minval=-bound, maxval=bound)
+        self.convs = convs
+
+    def norm_params(self) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
+        """The batch-norm scales and offsets (what `maml.nn.PerStep` makes per-step)."""
+        return self.bn_scales, self.bn_offsets
+
+    def __call__(self, x: Float[Array, "N H W C"]) -> Float[Array, "N classes"]:
+        cin = self.conv_weights[0].shape[2]
+        if x.ndim != 4 or x.shape[-1] != cin:
+            raise ValueError(f"Conv4: x has shape {tuple(x.shape)}; expected [N, H, W, {cin}] (NHWC)")
+        for w, s, o, conv in zip(self.conv_weights, self.bn_scales, self.bn_offsets, self.convs):
+            x = max_pool_2x2(jax.nn.relu(batch_norm(conv(x, w), s, o)))
+        x = x.reshape(x.shape[0], -1)
+        if x.shape[1] != self.head_weight.shape[0]:
+            raise ValueError(
+                f"Conv4: x gives {x.shape[1]} features but the head expects {self.head_weight.shape[0]}; "
+                "expected images of the image_size the model was built with"
+            )
+        return x @ self.head_weight + self.head_bias
