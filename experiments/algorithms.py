@@ -1,74 +1,28 @@
-"""`--algorithm {maml,fomaml,anil,metasgd,mamlpp,reptile,imaml}` for every experiment: a config mixin and
-one function turning it into the pieces the library takes (model wrapper, inner loop, strategy, outer
-optimiser). The training loop is the same for all of them (`maml.make_train_step`).
+"""The MAML family for the experiments: one frozen config dataclass per algorithm, each building the
+pieces the library takes (model wrapper, inner loop, strategy, outer optimiser) with `build`.
 
-    @dataclass(frozen=True)
-    class MyConfig(AlgorithmConfig): ...          # adds --algorithm and each algorithm's options
-    algo = build_algorithm(config, model, loss_fn, inner_steps=..., inner_lr=..., outer_lr=..., iterations=...)
-    step = maml.make_train_step(algo.optimizer, algo.inner, strategy=algo.strategy)  # on algo.model
+An experiment offers its algorithms as a registry of default values (`registry(MAML(...), Reptile(...))`),
+chosen by `--algorithm NAME`; its options are flags (see experiments/cli.py): options shared through a base
+class are plain (`--inner-steps`, `--first-order`), an algorithm's own carry its name (`--reptile-step-size`).
+The training loop is the same for all of them (`maml.make_train_step`).
 """
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
+import equinox as eqx
 import optax
 
 import maml
-from experiments import cli
-
-ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "imaml")
-
-
-_f = cli.flag
-
-
-@dataclass(frozen=True)
-class AlgorithmConfig:
-    """Mixin: the meta-learning algorithm and its options (options of other algorithms are ignored)."""
-
-    algorithm: str = _f("maml", "one of " + ", ".join(ALGORITHMS))
-    inner_checkpoint: int = _f(0, "remat the inner loop in segments of N steps (0: off; memory-bounded 2nd order)")
-    metasgd_init_lr: float = _f(0.0, "metasgd: initial per-parameter inner rate (0: the inner lr)")
-    mamlpp_msl: bool = _f(True, "mamlpp: multi-step loss with annealed weights")
-    mamlpp_msl_iterations: int = _f(5000, "mamlpp: meta-iterations over which the multi-step weights anneal")
-    mamlpp_lslr: bool = _f(True, "mamlpp: learned per-layer per-step inner rates")
-    mamlpp_per_step_bn: bool = _f(False, "mamlpp: per-step batch norm (the model must be a maml.AbstractPerStepModel)")
-    mamlpp_first_order_iterations: int = _f(0, "mamlpp: derivative-order annealing, first order for N meta-iterations")
-    mamlpp_cosine: bool = _f(True, "mamlpp: cosine annealing of the outer rate")
-    mamlpp_min_lr: float = _f(1e-5, "mamlpp: final outer rate of the cosine schedule")
-    reptile_step_size: float = _f(1.0, "reptile: outer step size, annealed linearly to 0 over the iterations")
-    imaml_lambda: float = _f(2.0, "imaml: proximal strength lam (below -min eig(H), I + H/lam is indefinite: CG degrades)")
-    imaml_cg_steps: int = _f(5, "imaml: conjugate-gradient iterations")
-    skip_nonfinite: int = _f(0, "skip meta-steps with a NaN/inf meta-loss or meta-gradient, up to N in a row "
-                                "(optax.apply_if_finite; counted in results.json); 0: stop the run at the first")
-
-    def __post_init__(self):
-        check_algorithm(self)
-        parent = getattr(super(), "__post_init__", None)  # cooperate with other config mixins
-        if parent is not None:
-            parent()
-
-
-def check_algorithm(config: AlgorithmConfig) -> None:
-    """ValueError naming the first bad algorithm option (a config's own `__post_init__` may call this)."""
-    if config.algorithm not in ALGORITHMS:
-        raise ValueError(f"--algorithm={config.algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
-    for name, low in (("inner_checkpoint", 0), ("mamlpp_msl_iterations", 1), ("mamlpp_first_order_iterations", 0),
-                      ("imaml_cg_steps", 1), ("skip_nonfinite", 0)):
-        value = getattr(config, name)
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"--{name.replace('_', '-')}={value!r}; expected an integer >= {low}")
-    for name in ("reptile_step_size", "imaml_lambda", "mamlpp_min_lr"):
-        if not getattr(config, name) > 0:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(config, name)!r}; expected a positive number")
-    if config.metasgd_init_lr < 0:
-        raise ValueError(f"--metasgd-init-lr={config.metasgd_init_lr!r}; expected >= 0 (0: the inner lr)")
+from experiments.cli import FlagError, check, check_int, check_positive, flag
 
 
 class Algorithm(NamedTuple):
-    """What `build_algorithm` returns: meta-learn `model` with `make_train_step(optimizer, inner, strategy=...)`."""
+    """What `AlgorithmConfig.build` returns: meta-learn `model` with
+    `maml.make_train_step(optimizer, inner, strategy=strategy)`."""
 
     model: Any
     inner: maml.InnerLoop
@@ -76,63 +30,197 @@ class Algorithm(NamedTuple):
     optimizer: optax.GradientTransformation
 
 
-def build_algorithm(
-    config: AlgorithmConfig,
-    model: Any,
-    loss_fn: Callable,
-    *,
-    inner_steps: int,
-    inner_lr: float,
-    outer_lr: float,
-    iterations: int,
-    first_order: bool = False,
-) -> Algorithm:
-    """The model (wrapped for learned rates), inner loop, strategy and outer optimiser of `config.algorithm`.
+@dataclass(frozen=True)
+class AlgorithmConfig(abc.ABC):
+    """Options every algorithm has."""
 
-    `first_order` (an experiment's `--first-order`) turns maml into fomaml and mamlpp's order to first.
-    With `--skip-nonfinite N` the optimiser is wrapped in `optax.apply_if_finite` (train with
-    `maml.fit(..., skip_nonfinite=True)`).
-    """
-    algo = _build(config, model, loss_fn, inner_steps=inner_steps, inner_lr=inner_lr, outer_lr=outer_lr,
-                  iterations=iterations, first_order=first_order)
-    if config.skip_nonfinite:
-        return algo._replace(optimizer=optax.apply_if_finite(algo.optimizer, config.skip_nonfinite))
-    return algo
+    name: ClassVar[str]
+    inner_steps: int = flag(1, "inner SGD steps in meta-training")
+    inner_lr: float = flag(0.01, "inner SGD learning rate")
+
+    def __post_init__(self):
+        check_int(self, "inner_steps", 1)
+        check_positive(self, "inner_lr")
+
+    def key(self, field: str) -> str:
+        """The flat key of one of this config's fields (own fields carry the algorithm's name)."""
+        own = vars(type(self)).get("__annotations__", {})
+        return f"{self.name}_{field.rstrip('_')}" if field in own else field
+
+    def check(self, condition: bool, field: str, expected: str) -> None:
+        check(condition, self.key(field), getattr(self, field), expected)
+
+    @abc.abstractmethod
+    def build(self, model: Any, loss_fn: Callable, *, iterations: int) -> Algorithm:
+        """The model (wrapped as the algorithm needs), inner loop, strategy and outer optimiser; `iterations`
+        is the run's meta-iteration count (for schedules)."""
 
 
-def _build(config, model, loss_fn, *, inner_steps, inner_lr, outer_lr, iterations, first_order) -> Algorithm:
-    check_algorithm(config)
-    a, adam = config.algorithm, optax.adam(outer_lr)
-    inner = maml.InnerLoop(loss_fn, inner_steps, inner_lr, checkpoint_every=config.inner_checkpoint)
-    order = maml.FirstOrder() if first_order else maml.SecondOrder()
-    if config.inner_checkpoint and a in ("fomaml", "reptile", "imaml"):
-        raise ValueError(f"--inner-checkpoint={config.inner_checkpoint} with --algorithm={a}: only second-order "
-                         "algorithms keep the inner loop for the backward pass; use 0")
-    if first_order and a in ("reptile", "imaml"):
-        raise ValueError(f"--first-order with --algorithm={a}: {a} never differentiates the inner loop; drop the flag")
-    if a in ("maml", "fomaml"):
-        return Algorithm(model, inner, maml.FirstOrder() if a == "fomaml" else order, adam)
-    if a == "anil":
-        inner = maml.InnerLoop(loss_fn, inner_steps, inner_lr, maml.head_filter(model), config.inner_checkpoint)
-        return Algorithm(model, inner, order, adam)
-    if a == "metasgd":
-        wrapped = maml.LearnedLR.per_parameter(model, config.metasgd_init_lr or inner_lr)
-        return Algorithm(wrapped, inner, order, adam)
-    if a == "reptile":
-        return Algorithm(model, inner, maml.Reptile(), maml.reptile_sgd(config.reptile_step_size, 0.0, iterations))
-    if a == "imaml":
-        return Algorithm(model, inner, maml.Implicit(config.imaml_lambda, config.imaml_cg_steps), adam)
-    # mamlpp: each trick its own switch.
-    if config.mamlpp_per_step_bn and not isinstance(model, maml.AbstractPerStepModel):
-        raise ValueError(f"--mamlpp-per-step-bn with a {type(model).__name__}: the model must be a "
-                         "maml.AbstractPerStepModel (per-step batch-norm arrays and at_step)")
-    strategy = order
-    if config.mamlpp_first_order_iterations and not first_order:
-        strategy = maml.AnnealedOrder(config.mamlpp_first_order_iterations)
-    if config.mamlpp_msl:
-        strategy = maml.MultiStepLoss(strategy, config.mamlpp_msl_iterations)
-    if config.mamlpp_lslr:
-        model = maml.LearnedLR.per_layer(model, inner_lr, steps=inner_steps)
-    min_lr = min(config.mamlpp_min_lr, outer_lr)
-    optimizer = maml.cosine_adam(outer_lr, iterations, min_lr) if config.mamlpp_cosine else adam
-    return Algorithm(model, inner, strategy, optimizer)
+def registry(*defaults: AlgorithmConfig) -> dict[str, AlgorithmConfig]:
+    """An experiment's algorithms by name (the first is the default)."""
+    return {d.name: d for d in defaults}
+
+
+@dataclass(frozen=True)
+class AdamOuter(AlgorithmConfig):
+    """Options of the algorithms whose outer update is Adam on a meta-gradient."""
+
+    outer_lr: float = flag(1e-3, "Adam learning rate of the outer (meta) update")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive(self, "outer_lr")
+
+
+@dataclass(frozen=True)
+class Differentiated(AdamOuter):
+    """Options of the algorithms that differentiate through the inner loop."""
+
+    first_order: bool = flag(False, "first order: no second derivatives through the inner loop")
+    inner_checkpoint: int = flag(0, "remat the inner loop in segments of N steps (0: off; memory-bounded 2nd order)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int(self, "inner_checkpoint", 0)
+        if self.inner_checkpoint and self.first_order:
+            raise FlagError("--inner-checkpoint", f"--inner-checkpoint={self.inner_checkpoint} with --first-order: "
+                            "only second order keeps the inner loop for the backward pass; use 0")
+
+    def order(self) -> maml.AbstractStrategy:
+        return maml.FirstOrder() if self.first_order else maml.SecondOrder()
+
+    def inner(self, loss_fn: Callable, adapt_filter: Any = eqx.is_inexact_array) -> maml.InnerLoop:
+        return maml.InnerLoop(loss_fn, self.inner_steps, self.inner_lr, adapt_filter,
+                              checkpoint_every=self.inner_checkpoint)
+
+
+@dataclass(frozen=True)
+class MAML(Differentiated):
+    """MAML (Finn et al. 2017): the query loss after the inner SGD steps, differentiated through them."""
+
+    name: ClassVar[str] = "maml"
+
+    def build(self, model, loss_fn, *, iterations):
+        return Algorithm(model, self.inner(loss_fn), self.order(), optax.adam(self.outer_lr))
+
+
+@dataclass(frozen=True)
+class FOMAML(AdamOuter):
+    """First-order MAML (Finn et al. 2017): the inner gradients are constants to the outer gradient."""
+
+    name: ClassVar[str] = "fomaml"
+
+    def build(self, model, loss_fn, *, iterations):
+        inner = maml.InnerLoop(loss_fn, self.inner_steps, self.inner_lr)
+        return Algorithm(model, inner, maml.FirstOrder(), optax.adam(self.outer_lr))
+
+
+@dataclass(frozen=True)
+class ANIL(Differentiated):
+    """ANIL (Raghu et al. 2020): only the head adapts in the inner loop."""
+
+    name: ClassVar[str] = "anil"
+
+    def build(self, model, loss_fn, *, iterations):
+        return Algorithm(model, self.inner(loss_fn, maml.head_filter(model)), self.order(), optax.adam(self.outer_lr))
+
+
+@dataclass(frozen=True)
+class MetaSGD(Differentiated):
+    """Meta-SGD (Li et al. 2017): one meta-learned inner rate per parameter."""
+
+    name: ClassVar[str] = "metasgd"
+    init_lr: float = flag(0.0, "initial per-parameter inner rate (0: the inner lr)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check(self.init_lr >= 0, "init_lr", ">= 0 (0: the inner lr)")
+
+    def build(self, model, loss_fn, *, iterations):
+        wrapped = maml.LearnedLR.per_parameter(model, self.init_lr or self.inner_lr)
+        return Algorithm(wrapped, self.inner(loss_fn), self.order(), optax.adam(self.outer_lr))
+
+
+@dataclass(frozen=True)
+class MAMLPlusPlus(Differentiated):
+    """MAML++ (Antoniou et al. 2019): each of its tricks is a switch."""
+
+    name: ClassVar[str] = "mamlpp"
+    msl: bool = flag(True, "multi-step loss with annealed weights")
+    msl_iterations: int = flag(5000, "meta-iterations over which the multi-step weights anneal")
+    lslr: bool = flag(True, "learned per-layer per-step inner rates")
+    per_step_bn: bool = flag(False, "per-step batch norm (models with batch norm: maml.nn.PerStep)")
+    first_order_iterations: int = flag(0, "derivative-order annealing: first order for N meta-iterations")
+    cosine: bool = flag(True, "cosine annealing of the outer rate over the run's iterations")
+    min_lr: float = flag(1e-5, "final outer rate of the cosine schedule")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for field, low in (("msl_iterations", 1), ("first_order_iterations", 0)):
+            value = getattr(self, field)
+            self.check(isinstance(value, int) and value >= low, field, f"an integer >= {low}")
+        self.check(self.min_lr > 0, "min_lr", "a positive number")
+
+    def build(self, model, loss_fn, *, iterations):
+        if self.per_step_bn:
+            if not hasattr(model, "norm_params"):
+                raise FlagError("--mamlpp-per-step-bn", f"--mamlpp-per-step-bn with a {type(model).__name__}: the "
+                                "model has no batch norm (expected a model with norm_params, e.g. maml.nn.Conv4)")
+            model = maml.nn.PerStep(model, self.inner_steps)
+        strategy = self.order()
+        if self.first_order_iterations and not self.first_order:
+            strategy = maml.AnnealedOrder(self.first_order_iterations)
+        if self.msl:
+            strategy = maml.MultiStepLoss(strategy, self.msl_iterations)
+        if self.lslr:
+            model = maml.LearnedLR.per_layer(model, self.inner_lr, steps=self.inner_steps)
+        min_lr = min(self.min_lr, self.outer_lr)
+        optimizer = maml.cosine_adam(self.outer_lr, iterations, min_lr) if self.cosine else optax.adam(self.outer_lr)
+        return Algorithm(model, self.inner(loss_fn), strategy, optimizer)
+
+
+@dataclass(frozen=True)
+class Reptile(AlgorithmConfig):
+    """Reptile (Nichol et al. 2018): move the initialisation towards the adapted parameters."""
+
+    name: ClassVar[str] = "reptile"
+    step_size: float = flag(1.0, "outer step size, annealed linearly to 0 over the run's iterations")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check(self.step_size > 0, "step_size", "a positive number")
+
+    def build(self, model, loss_fn, *, iterations):
+        inner = maml.InnerLoop(loss_fn, self.inner_steps, self.inner_lr)
+        return Algorithm(model, inner, maml.Reptile(), maml.reptile_sgd(self.step_size, 0.0, iterations))
+
+
+@dataclass(frozen=True)
+class IMAML(AdamOuter):
+    """iMAML (Rajeswaran et al. 2019): the implicit meta-gradient of a proximal inner problem."""
+
+    name: ClassVar[str] = "imaml"
+    lambda_: float = flag(2.0, "proximal strength lam (below -min eig(H), I + H/lam is indefinite: CG degrades)")
+    cg_steps: int = flag(5, "conjugate-gradient iterations")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check(self.lambda_ > 0, "lambda_", "a positive number")
+        self.check(isinstance(self.cg_steps, int) and self.cg_steps >= 1, "cg_steps", "an integer >= 1")
+
+    def build(self, model, loss_fn, *, iterations):
+        inner = maml.InnerLoop(loss_fn, self.inner_steps, self.inner_lr)
+        return Algorithm(model, inner, maml.Implicit(self.lambda_, self.cg_steps), optax.adam(self.outer_lr))
+
+
+def with_skipping(algo: Algorithm, max_consecutive: int) -> Algorithm:
+    """The algorithm with its outer optimiser skipping up to `max_consecutive` non-finite steps in a row
+    (`optax.apply_if_finite`; `maml.fit` then skips them instead of stopping); unchanged for 0."""
+    if not max_consecutive:
+        return algo
+    return algo._replace(optimizer=optax.apply_if_finite(algo.optimizer, max_consecutive))
+
+
+ALL = (MAML, FOMAML, ANIL, MetaSGD, MAMLPlusPlus, Reptile, IMAML)
+"""Every algorithm config class, in the order experiments list them."""
+NAMES = tuple(c.name for c in ALL)

@@ -35,65 +35,29 @@ import numpy as np
 
 import maml
 from data.lake_runs import load_lake_runs
-from experiments import cli
-from experiments.omniglot import OmniglotConfig, setup
+from experiments import cli, runs
+from experiments.cli import FlagError, flag
 
 HEADS = ("auto", "trained", "zero")
-# Fields that make a config.json an experiments.omniglot one (others, e.g. from mixins, may be added).
-_OMNIGLOT_FIELDS = ("data_dir", "ways", "shots", "queries", "filters", "inner_lr", "eval_steps", "meta_batch")
-
-
-_f = cli.flag
 
 
 @dataclass(frozen=True)
 class LakeOneShotConfig:
     """Lake et al.'s 20-way one-shot runs, classified by an experiments.omniglot checkpoint."""
 
-    runs: Optional[str] = _f(None, "folder or zip of Lake's runs (run01..run20) in their original layout (required)")
-    checkpoint: Optional[str] = _f(None, "output folder of experiments.omniglot (config.json, checkpoints/) (required)")
-    head: str = _f("auto", "classifier head: trained (needs a 20-way checkpoint), zero, or auto (trained if 20-way)")
-    inner_steps: Optional[int] = _f(None, "inner SGD steps on each run's training images (default: the run's eval_steps)")
-    inner_lr: Optional[float] = _f(None, "inner SGD learning rate (default: the run's inner_lr)")
-    out: str = _f("runs/lake_oneshot", "output folder (results.json)")
+    runs: Optional[str] = flag(None, "folder or zip of Lake's runs (run01..run20) in their original layout (required)")
+    checkpoint: Optional[str] = flag(None, "output folder of experiments.omniglot (config.json, checkpoints/) (required)")
+    head: str = flag("auto", "classifier head: trained (needs a 20-way checkpoint), zero, or auto (trained if 20-way)")
+    inner_steps: Optional[int] = flag(None, "inner SGD steps on each run's training images (default: the run's eval_steps)")
+    inner_lr: Optional[float] = flag(None, "inner SGD learning rate (default: the run's inner_lr)")
+    out: str = flag("runs/lake_oneshot", "output folder (results.json)")
 
     def __post_init__(self):
         for name in ("runs", "checkpoint"):
             if not getattr(self, name):
-                raise ValueError(f"{cli.field_flag(name)} is required")
-        if self.head not in HEADS:
-            raise ValueError(f"--head={self.head!r}; expected one of {', '.join(HEADS)}")
+                raise FlagError(cli.flag_of(name), f"{cli.flag_of(name)} is required")
+        cli.check(self.head in HEADS, "head", self.head, "one of " + ", ".join(HEADS))
         cli.check_positive(self, "inner_steps", "inner_lr")
-
-
-def load_run_config(run_dir: Path) -> OmniglotConfig:
-    """The `OmniglotConfig` saved in `run_dir/config.json`; ValueError if it is not an omniglot run."""
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise ValueError(f"--checkpoint {str(run_dir)!r} has no config.json; expected an experiments.omniglot "
-                         "output folder")
-    try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--checkpoint: {path} is not valid JSON ({e})") from None
-    missing = [k for k in _OMNIGLOT_FIELDS if k not in saved] if isinstance(saved, dict) else list(_OMNIGLOT_FIELDS)
-    if missing:
-        raise ValueError(f"--checkpoint {str(run_dir)!r} is not an experiments.omniglot run (its config.json lacks "
-                         f"{', '.join(missing)}); expected an experiments.omniglot output folder")
-    known = {f.name for f in dataclasses.fields(OmniglotConfig)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known}
-    return OmniglotConfig(**values)
-
-
-def load_model(run_dir: Path, run_config: OmniglotConfig, like: Optional[maml.MetaTrainState] = None):
-    """The model of the newest checkpoint in `run_dir/checkpoints` and its meta-iteration; the checkpoint is read
-    into `like` (default: the untrained state of `run_config`'s algorithm, e.g. a `LearnedLR` for metasgd)."""
-    like = like if like is not None else setup(run_config)[1]
-    found = maml.latest_checkpoint(run_dir / "checkpoints", like)
-    if found is None:
-        raise ValueError(f"--checkpoint {str(run_dir)!r} holds no checkpoint in checkpoints/; expected a trained "
-                         "(or partly trained) experiments.omniglot run")
-    return found[1].model, found[0]
 
 
 def _head(model) -> tuple[Any, Any]:
@@ -147,37 +111,28 @@ def _as_input(images: np.ndarray) -> jax.Array:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     config = cli.parse(LakeOneShotConfig, argv)
-    run_dir = Path(config.checkpoint)
-    run_config = load_run_config(run_dir)
-    runs = load_lake_runs(config.runs)
-    ways = runs.train_images.shape[1]
-    algo, like, _ = setup(run_config)
-    learned = isinstance(algo.model, maml.LearnedLR)
+    run = runs.load(Path(config.checkpoint), expect=("omniglot",), expected="an experiments.omniglot output folder")
+    lake = load_lake_runs(config.runs)
+    learned = isinstance(run.algo.model, maml.LearnedLR)
     if learned and config.inner_lr is not None:
-        raise ValueError(f"--inner-lr={config.inner_lr} with a --algorithm={run_config.algorithm} run: its inner "
-                         "rates are meta-learned; drop the flag")
-    model, step = load_model(run_dir, run_config, like)
-    model, head = with_head(model, ways, config.head)
+        raise FlagError("--inner-lr", f"--inner-lr={config.inner_lr} with a --algorithm={run.config.algorithm.name} "
+                                      "run: its inner rates are meta-learned; drop the flag")
+    model, head = with_head(run.state.model, lake.train_images.shape[1], config.head)
     out = cli.prepare_out(config.out, config)
-    inner = algo.inner.with_steps(config.inner_steps or run_config.eval_steps)
+    inner = run.algo.inner.with_steps(config.inner_steps or run.config.evaluation.eval_steps)
     if config.inner_lr is not None:
         inner = dataclasses.replace(inner, lr=config.inner_lr)
-    wrong = np.stack([np.asarray(predict(model, inner, algo.strategy, _as_input(tr), _as_input(te))) != labels
-                      for tr, te, labels in zip(runs.train_images, runs.test_images, runs.test_labels)])
+    wrong = np.stack([np.asarray(predict(model, inner, run.algo.strategy, _as_input(tr), _as_input(te))) != labels
+                      for tr, te, labels in zip(lake.train_images, lake.test_images, lake.test_labels)])
     results = {
         "error_rate": float(wrong.mean()),
-        "per_run_error": {name: float(w.mean()) for name, w in zip(runs.names, wrong)},
-        "items": int(wrong.size),
-        "head": head,
-        "inner_steps": inner.steps,
-        "inner_lr": "learned" if learned else inner.lr,
-        "algorithm": run_config.algorithm,
-        "checkpoint_step": step,
-        "params_sha256": maml.params_sha256(model),
-        "run_config": cli.to_json(run_config),
-        "config": cli.to_json(config),
+        "per_run_error": {name: float(w.mean()) for name, w in zip(lake.names, wrong)},
+        "items": int(wrong.size), "head": head, "inner_steps": inner.steps,
+        "inner_lr": "learned" if learned else inner.lr, "algorithm": run.config.algorithm.name,
+        "checkpoint_step": run.step, "params_sha256": maml.params_sha256(model),
+        "run_config": cli.to_flat(run.config), "config": cli.to_flat(config),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    maml.atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
     print(json.dumps({k: results[k] for k in ("error_rate", "items", "head", "checkpoint_step")}))
     return results
 

@@ -1,6 +1,6 @@
 """Where an experiment runs: devices, and processes joined through `jax.distributed` (multi-host).
 
-`RuntimeConfig` is a mixin frozen dataclass that experiment configs inherit, giving the flags
+`RuntimeConfig` is a section of every experiment's config (`runtime: RuntimeConfig`), giving the flags
 
     --devices N              devices per process (default: all local devices)
     --coordinator HOST:PORT  process 0's address, for multi-host runs
@@ -22,27 +22,25 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import equinox as eqx
 import jax
-import optax
 
 import maml
 from experiments import cli
 from maml.meta import MetaTrainState, SampledStep
 
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
-RUNTIME_FIELDS = ("devices", "coordinator", "num_processes", "process_id", "coordinator_timeout")
-"""Fields that do not change what is computed (beyond float round-off): a run may resume with others."""
 
 
-_f = cli.flag
+def _f(default, help):  # none of these changes what is computed (beyond float round-off): resumable
+    return cli.flag(default, help, resumable=True)
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """Devices and processes of a run (a mixin: experiment configs inherit it)."""
+    """Devices and processes of the run."""
 
     devices: Optional[int] = _f(None, "devices per process (default: all local devices)")
     coordinator: Optional[str] = _f(None, "HOST:PORT of process 0 for a multi-process run (default: from SLURM)")
@@ -65,9 +63,6 @@ class RuntimeConfig:
                 raise ValueError(f"--coordinator={self.coordinator!r}; expected HOST:PORT")
         if (self.num_processes or 1) > 1 and self.coordinator is None and not in_slurm_step():
             raise ValueError(f"--num-processes={self.num_processes} needs --coordinator HOST:PORT (or a SLURM srun step)")
-        parent = getattr(super(), "__post_init__", None)  # cooperate with other config mixins
-        if parent is not None:
-            parent()
 
 
 def in_slurm_step() -> bool:
@@ -144,20 +139,20 @@ def num_devices(config: RuntimeConfig) -> int:
 
 def train_step(
     config: RuntimeConfig,
-    optimizer: optax.GradientTransformation,
-    inner: maml.InnerLoop,
+    algo: Any,
     *,
-    strategy: maml.AbstractStrategy = maml.SecondOrder(),
     batching: maml.AbstractBatching = maml.Vmap(),
     meta_batch: int,
 ) -> SampledStep:
     """The sampling step `(state, sampler) -> (state, metrics)` for this run's devices.
 
-    One device: `maml.with_task_sampler(maml.make_train_step(...))`, unchanged. Several: the sharded
+    `algo` is an `experiments.algorithms.Algorithm` (optimiser, inner loop, strategy). One device:
+    `maml.with_task_sampler(maml.make_train_step(...))`, unchanged. Several: the sharded
     data-parallel step, each device mapping its own tasks with `batching` (the sampler must follow
     `maml.parallel`'s protocol); ValueError naming `--meta-batch` when the batch does not divide among them.
     """
     n = num_devices(config)
+    optimizer, inner, strategy = algo.optimizer, algo.inner, algo.strategy
     if n == 1:
         return maml.with_task_sampler(maml.make_train_step(optimizer, inner, strategy=strategy, batching=batching))
     if meta_batch % n:

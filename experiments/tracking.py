@@ -1,14 +1,13 @@
-"""Experiment tracking for every experiment: a config mixin (`--wandb ...` flags) and a few calls.
+"""Experiment tracking for every experiment: a config section (the `--wandb ...` flags) and a few calls.
 
-Wiring an experiment (see experiments/sinusoid.py):
+Wiring an experiment (see experiments/sinusoid.py and experiments/session.py):
 
-    class MyConfig(tracking.Tracking): ...                       # the --wandb* flags
-    config = tracking.prepare(cli.parse(MyConfig, argv))         # checks them; per-trial OUT in sweeps
-    out = cli.prepare_out(config.out, config, ignore=RESUMABLE + tracking.FIELDS)
-    logger = tracking.start(config, out, job="my_experiment")    # config logged
-    maml.fit(..., hooks=[logger.hook(every=N)])                  # training curve (train/meta_loss)
-    logger.log_scalars(step, {"val_accuracy": acc})              # anything else, e.g. validation
-    tracking.finish(logger, results, images=[out / "fits.png"])  # test metrics, plots, summary
+    tracking: tracking.TrackingConfig = cli.section(tracking.TrackingConfig)   # the --wandb* flags
+    config = tracking.prepare(cli.parse(MyConfig, argv, ALGORITHMS))        # checks them; per-trial OUT in sweeps
+    logger = tracking.start(config.tracking, cli.to_flat(config), out, job="my_experiment")   # config logged
+    maml.fit(..., hooks=[logger.hook(every=N)])                             # training curve (train/meta_loss)
+    logger.log_scalars(step, {"val/accuracy": acc})                          # anything else, e.g. validation
+    tracking.finish(logger, results, images=[out / "fits.png"])             # test metrics, plots, summary
 
 wandb mode: `--wandb online|offline|disabled`; by default WANDB_MODE when set, else online when an API
 key is configured (WANDB_API_KEY or a .netrc entry from `wandb login`) and offline otherwise, so nothing
@@ -38,12 +37,13 @@ from maml.training.loggers import MODES, flatten
 C = TypeVar("C")
 
 
-_f = cli.flag
+def _f(default, help):  # none of these changes the computation: resumable
+    return cli.flag(default, help, resumable=True)
 
 
 @dataclass(frozen=True)
-class Tracking:
-    """Mixin: experiment configs inherit these fields (all flags; none changes the computation)."""
+class TrackingConfig:
+    """Experiment tracking with Weights & Biases."""
 
     wandb: Optional[str] = _f(None, "wandb mode: online, offline or disabled (default: WANDB_MODE, "
                                     "else online with an API key configured, else offline)")
@@ -53,9 +53,6 @@ class Tracking:
     wandb_name: Optional[str] = _f(None, "wandb run name (default: wandb's)")
     wandb_tags: tuple[str, ...] = _f((), "wandb run tags")
     wandb_dir: Optional[str] = _f(None, "folder for wandb's run files (default: WANDB_DIR, else OUT)")
-
-
-FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Tracking))
 
 
 def api_key_configured() -> bool:
@@ -88,8 +85,8 @@ def resolve_mode(mode: Optional[str]) -> str:
 
 
 def prepare(config: C) -> C:
-    """Check the tracking fields; under a sweep agent, give the trial its own `out` (OUT/RUN_ID)."""
-    resolve_mode(config.wandb)
+    """Check the tracking section; under a sweep agent, give the trial its own `out` (OUT/RUN_ID)."""
+    resolve_mode(config.tracking.wandb)
     sweep, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
     out = getattr(config, "out", None)
     if sweep and run_id and out is not None and Path(out).name != run_id:
@@ -97,8 +94,9 @@ def prepare(config: C) -> C:
     return config
 
 
-def start(config: Any, out: Path, *, job: str, console_every: int = 1) -> AbstractLogger:
-    """The run's logger (console, plus wandb unless disabled), with the config already logged."""
+def start(config: TrackingConfig, flat_config: Mapping[str, Any], out: Path, *, job: str,
+          console_every: int = 1) -> AbstractLogger:
+    """The run's logger (console, plus wandb unless disabled), with `flat_config` already logged."""
     mode = resolve_mode(config.wandb)
     console = ConsoleLogger(every=console_every)
     if mode == "disabled":
@@ -113,7 +111,7 @@ def start(config: Any, out: Path, *, job: str, console_every: int = 1) -> Abstra
     wandb = WandbLogger(
         mode=mode, dir=run_dir, project=config.wandb_project, entity=config.wandb_entity,
         group=config.wandb_group, name=config.wandb_name, tags=list(config.wandb_tags) or None,
-        job_type=job, config=cli.to_json(config), **resume,
+        job_type=job, config=dict(flat_config), **resume,
     )
     if "WANDB_RUN_ID" not in os.environ:
         atomic_write_bytes(id_file, wandb.run.id.encode())

@@ -12,7 +12,7 @@ failed and the sweep goes on; OUT/sweep.json lists the trials. Upload the runs l
 
 Before anything runs, the YAML is checked against the engine's schema, and every parameter against the
 experiment's config (`python -m experiments.NAME` in `command`; the config is its dataclass inheriting
-`experiments.tracking.Tracking`): any problem is one line `error: ...` and exit status 2.
+`CONFIG` with a tracking section): any problem is one line `error: ...` and exit status 2.
 
 The offline engine is the `sweeps` package (in the `dev` and `sweeps` extras): version 0.2.0 installs
 alongside numpy 2; later versions declare numpy<2 but run on numpy 2, so install them with
@@ -32,7 +32,6 @@ import string
 import subprocess
 import sys
 import time
-import typing
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -97,18 +96,16 @@ def experiment_module(config: dict, path: str) -> str:
     raise ValueError(f"{path}: `command` must run `python -m experiments.NAME ${{args}}`")
 
 
-def config_class(module_name: str, path: str) -> type:
-    """The experiment's config: the dataclass in the module that inherits `tracking.Tracking`."""
+def experiment(module_name: str, path: str) -> Any:
+    """The experiment module (its `CONFIG` class, with a tracking section, and its `algorithms` registry)."""
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ValueError(f"{path}: cannot import experiment {module_name!r}: {e}") from None
-    found = [c for c in vars(module).values() if isinstance(c, type) and dataclasses.is_dataclass(c)
-             and issubclass(c, tracking.Tracking) and c.__module__ == module.__name__]
-    if len(found) != 1:
-        raise ValueError(f"{path}: {module_name} should define one config dataclass inheriting "
-                         f"experiments.tracking.Tracking (found {len(found)})")
-    return found[0]
+    cls = getattr(module, "CONFIG", None)
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls) and "tracking" in {f.name for f in dataclasses.fields(cls)}):
+        raise ValueError(f"{path}: {module_name} should define CONFIG, its config dataclass with a tracking section")
+    return module
 
 
 def _candidates(spec: dict) -> list:
@@ -120,13 +117,13 @@ def _candidates(spec: dict) -> list:
     return [spec[k] for k in ("min", "max") if k in spec]
 
 
-def check_parameters(config: dict, cls: type, path: str) -> None:
-    """Every parameter is a config field (`inner-lr` or `inner_lr`) whose values the config accepts
-    (parsed with the command's literal flags; only errors naming the parameter's flag count)."""
+def check_parameters(config: dict, module: Any, path: str) -> None:
+    """Every parameter is a flag of the experiment (`inner-lr` or `inner_lr`) whose values it accepts
+    (parsed with the command's literal flags; only errors about the parameter's own flag count)."""
     from wandb.sdk.launch.sweeps import utils
 
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    cls, algorithms = module.CONFIG, getattr(module, "algorithms", None)
+    fields = cli.all_leaves(cls, algorithms)
     command = [str(c) for c in config.get("command") or []]
     literal = [c for c in map(str, utils.create_sweep_command(list(command))) if c.startswith("--")]
     for name, spec in (config.get("parameters") or {}).items():
@@ -139,10 +136,10 @@ def check_parameters(config: dict, cls: type, path: str) -> None:
         if not isinstance(spec, dict) or "parameters" in spec:
             raise ValueError(f"{path}: parameter {name!r}: expected value, values or a distribution "
                              "(nested parameters are not supported)")
-        if hints[field] is bool and not any(m in command for m in BOOL_SAFE_MACROS):
+        if fields[field].type is bool and not any(m in command for m in BOOL_SAFE_MACROS):
             raise ValueError(f"{path}: parameter {name!r} is a boolean flag: use ${{args_no_boolean_flags}} "
                              "in `command` (--flag / no flag), not ${args}")
-        if hints[field] is bool and fields[field].default is True and False in _candidates(spec):
+        if fields[field].type is bool and fields[field].default is True and False in _candidates(spec):
             raise ValueError(f"{path}: parameter {name!r}: False cannot turn off a flag that defaults to "
                              f"True through wandb's macros; put --no-{name.replace('_', '-')} in `command`")
         for value in _candidates(spec):
@@ -150,12 +147,12 @@ def check_parameters(config: dict, cls: type, path: str) -> None:
             if isinstance(value, (list, dict)):
                 raise ValueError(f"{path}: parameter {name!r} value {value!r}: wandb passes it as "
                                  f"--{name}={value}; write tuples as a string, e.g. '40,40'")
-            argv = ([cli.field_flag(field)] if value else []) if hints[field] is bool else \
-                [f"{cli.field_flag(field)}={value}"]
+            argv = ([cli.flag_of(field)] if value else []) if fields[field].type is bool else \
+                [f"{cli.flag_of(field)}={value}"]
             try:
-                cli.parse(cls, literal + argv)
-            except ValueError as e:
-                if cli.field_flag(field) in str(e):
+                cli.parse(cls, literal + argv, algorithms)
+            except cli.FlagError as e:
+                if e.flag == cli.flag_of(field):
                     raise ValueError(f"{path}: parameter {name!r} value {value!r}: {e}") from None
 
 
@@ -167,9 +164,9 @@ def validate(config: dict, path: str, engine: Any = None) -> type:
             raise ValueError(f"{path}: invalid sweep config: {'; '.join(' '.join(v.split()) for v in violations)}")
     if not isinstance(config.get("parameters"), dict) or not config["parameters"]:
         raise ValueError(f"{path}: `parameters` must map at least one config field to its values")
-    cls = config_class(experiment_module(config, path), path)
-    check_parameters(config, cls, path)
-    return cls
+    module = experiment(experiment_module(config, path), path)
+    check_parameters(config, module, path)
+    return module.CONFIG
 
 
 def expand(config: dict, params: dict[str, Any]) -> list[str]:

@@ -14,15 +14,12 @@ from __future__ import annotations
 import abc
 import dataclasses
 import numbers
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PyTree
-
-if TYPE_CHECKING:
-    from .algorithms.base import AbstractStrategy
 
 LossFn = Callable[[PyTree, Array, Array], Float[Array, ""]]
 
@@ -118,12 +115,12 @@ class InnerLoop(eqx.Module):
             raise ValueError(f"InnerLoop: unroll={u!r}; expected an integer >= 0 (0: always lax.scan)")
 
     def adapt(
-        self, model: PyTree, x: Array, y: Array, *, strategy: Optional["AbstractStrategy"] = None
+        self, model: PyTree, x: Array, y: Array, *, strategy: Any = None
     ) -> tuple[PyTree, Float[Array, " steps"]]:
         """Adapt `model` on `(x, y)`; return the adapted model and the support loss before each step.
 
-        Differentiable in `model` as `strategy` says (None: every inner gradient is differentiated, i.e.
-        second order).
+        Differentiable in `model` as `strategy` (a `maml.AbstractStrategy`) says; None: every inner gradient
+        is differentiated, i.e. second order.
         """
         a = self.run(model, x, y) if strategy is None else strategy.adapt(self, model, x, y)
         return a.model, a.support_losses

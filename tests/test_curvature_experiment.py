@@ -22,17 +22,14 @@ _RUNS: dict = {}
 def _omniglot_run(shared_data: Path, tmp_path_factory) -> Path:
     """A tiny real experiments.omniglot run (Conv4 with 8 filters, 4 meta-iterations), made once."""
     if "omniglot" not in _RUNS:
-        import dataclasses
-
         from experiments import omniglot
 
         out = tmp_path_factory.mktemp("curvature_omniglot") / "run"
         argv = ["--data-dir", str(shared_data / "omniglot"),
                 "--cache-dir", str(tmp_path_factory.getbasetemp() / "omniglot_tfds"),  # shared with other tests
                 "--filters", "8", "--meta-batch", "2", "--queries", "5", "--iterations", "4", "--steps-per-call", "2",
-                "--val-every", "4", "--val-tasks", "2", "--eval-tasks", "2", "--no-progress", "--out", str(out)]
-        if "wandb" in {f.name for f in dataclasses.fields(omniglot.OmniglotConfig)}:
-            argv += ["--wandb", "disabled"]
+                "--val-every", "4", "--val-tasks", "2", "--eval-tasks", "2", "--no-progress", "--wandb", "disabled",
+                "--out", str(out)]
         omniglot.main(argv)
         _RUNS["omniglot"] = out
     return _RUNS["omniglot"]
@@ -69,7 +66,7 @@ def test_curvature_experiment_on_a_sinusoid_run_matches_the_dense_batch_meta_hes
                             "--num-iters", "40", "--trace-hvps", "60", "--density-tasks", "1", "--probes", "2",
                             "--slq-iters", "10", "--wandb", "disabled"])
     batch = saved["batch_meta_objective"]
-    loaded = curvature.load_run(run)
+    loaded = curvature.load(run, None)
     tasks = loaded.sample(jax.random.split(jax.random.PRNGKey(1234), 4)[0], 3)  # as curvature.main draws them
     old = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
@@ -118,7 +115,7 @@ def test_curvature_experiment_on_an_omniglot_run(shared_data, tmp_path_factory):
     assert "batch_meta_objective" not in saved and "density" not in saved  # --no-batch-meta, --density-tasks 0
 
     # Task 0's support-loss Hessian, dense in float64 (jax.hessian on the flat parameters of the checkpoint).
-    loaded = curvature.load_run(run)
+    loaded = curvature.load(run, None)
     key_tasks = jax.random.split(jax.random.PRNGKey(1234), 4)[0]  # as curvature.main draws its tasks
     task = jax.tree.map(lambda a: np.asarray(a[0]), loaded.sample(key_tasks, 2))
     assert np.isclose(float(cross_entropy(loaded.model, task.support_x, task.support_y)),

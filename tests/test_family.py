@@ -195,7 +195,7 @@ def test_per_step_conv4_fd(x64):
     """`maml.nn.PerStep` of a Conv4 (MAML++ per-step batch norm) under LSLR, as `--algorithm mamlpp
     --mamlpp-per-step-bn` builds it: the second-order meta-gradient against finite differences; step k's
     support and query losses use row k; at_step views and step 0 match a Conv4 with those rows."""
-    from experiments.algorithms import AlgorithmConfig, build_algorithm
+    from experiments import algorithms as A
 
     key = jax.random.PRNGKey(14)
     k1, k2, k3, k4 = jax.random.split(key, 4)
@@ -221,8 +221,7 @@ def test_per_step_conv4_fd(x64):
         np.testing.assert_allclose(a, b, rtol=1e-12)
     np.testing.assert_allclose(called, want[0], rtol=1e-12)
 
-    algo = build_algorithm(AlgorithmConfig("mamlpp", mamlpp_per_step_bn=True, mamlpp_msl=False), net,
-                           maml.nn.cross_entropy, inner_steps=STEPS, inner_lr=LR, outer_lr=1e-3, iterations=10)
+    algo = A.MAMLPlusPlus(inner_steps=STEPS, inner_lr=LR, msl=False).build(net, maml.nn.cross_entropy, iterations=10)
     assert isinstance(algo.model, maml.LearnedLR) and isinstance(algo.model.model, maml.nn.PerStep)
     inner = algo.inner
     g, _ = _fd_check(lambda m: maml.meta_loss(m, task, inner), algo.model, _grad_fn(task, inner, algo.strategy), key,
@@ -350,20 +349,23 @@ def test_unsupported_combinations_raise():
 
 
 def test_algorithm_option():
-    from experiments.algorithms import ALGORITHMS, AlgorithmConfig, build_algorithm
+    from experiments import algorithms as A
+    from experiments import cli, sinusoid
 
+    parse = lambda *argv: cli.parse(sinusoid.SinusoidConfig, list(argv), sinusoid.algorithms)
     with pytest.raises(ValueError, match="--algorithm='maml2'; expected one of maml"):
-        AlgorithmConfig(algorithm="maml2")
-    with pytest.raises(ValueError, match="--inner-checkpoint=2 with --algorithm=imaml"):
-        build_algorithm(AlgorithmConfig("imaml", 2), None, maml.nn.mse, inner_steps=1, inner_lr=0.1,
-                        outer_lr=1e-3, iterations=10)
+        parse("--algorithm", "maml2")
+    with pytest.raises(ValueError, match="--inner-checkpoint is an option of --algorithm maml / anil / metasgd / "
+                                         "mamlpp, not of --algorithm imaml"):
+        parse("--algorithm", "imaml", "--inner-checkpoint", "2")
     with pytest.raises(ValueError, match="--mamlpp-per-step-bn with a MLP"):
-        build_algorithm(AlgorithmConfig("mamlpp", mamlpp_per_step_bn=True), _mlp(jax.random.PRNGKey(0)),
-                        maml.nn.mse, inner_steps=1, inner_lr=0.1, outer_lr=1e-3, iterations=10)
+        A.MAMLPlusPlus(per_step_bn=True).build(_mlp(jax.random.PRNGKey(0)), maml.nn.mse, iterations=10)
     key = jax.random.PRNGKey(12)
     tasks = jax.tree.map(lambda *a: jnp.stack(a), _task(key), _task(jax.random.PRNGKey(13)))
-    algos = [build_algorithm(AlgorithmConfig(name, imaml_lambda=20.0), _mlp(key, (4,)), maml.nn.mse, inner_steps=2,
-                             inner_lr=0.05, outer_lr=1e-2, iterations=100) for name in ALGORITHMS]
+    settings = dict(inner_steps=2, inner_lr=0.05)
+    configs = [cls(**settings, **({"outer_lr": 1e-2} if issubclass(cls, A.AdamOuter) else {}),
+                   **({"lambda_": 20.0} if cls is A.IMAML else {})) for cls in A.ALL]
+    algos = [c.build(_mlp(key, (4,)), maml.nn.mse, iterations=100) for c in configs]
 
     def three_steps(algo, state):  # the same training step for every algorithm; 3 meta-iterations
         step = maml.make_train_step(algo.optimizer, algo.inner, strategy=algo.strategy)
@@ -371,5 +373,5 @@ def test_algorithm_option():
 
     states = [maml.init_state(algo.model, algo.optimizer, key) for algo in algos]
     losses = _jit(lambda sts: [three_steps(algo, st) for algo, st in zip(algos, sts)])(states)
-    for name, l in zip(ALGORITHMS, losses):
+    for name, l in zip(A.NAMES, losses):
         assert np.all(np.isfinite(l)) and l[-1] < l[0], (name, l)

@@ -42,24 +42,30 @@ def _isolated(monkeypatch, tmp_path):
 
 TOY = '''
 """A toy experiment for the tests: a short "training curve"; --lr above 0.5 crashes."""
+from __future__ import annotations
+
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from experiments import cli, tracking
 
 
 @dataclass(frozen=True)
-class ToyConfig(tracking.Tracking):
-    lr: float = field(default=0.1, metadata={"help": "learning rate"})
-    steps: int = field(default=3, metadata={"help": "steps"})
-    sleep: float = field(default=0.0, metadata={"help": "seconds per step"})
-    out: str = field(default="runs/toy", metadata={"help": "output folder"})
+class ToyConfig:
+    lr: float = cli.flag(0.1, "learning rate")
+    steps: int = cli.flag(3, "steps")
+    sleep: float = cli.flag(0.0, "seconds per step")
+    out: str = cli.flag("runs/toy", "output folder")
+    tracking: tracking.TrackingConfig = cli.section(tracking.TrackingConfig)
+
+
+CONFIG = ToyConfig
 
 
 def main(argv=None):
     config = tracking.prepare(cli.parse(ToyConfig, argv))
     out = cli.prepare_out(config.out, config)
-    logger = tracking.start(config, out, job="toy")
+    logger = tracking.start(config.tracking, cli.to_flat(config), out, job="toy")
     if config.lr > 0.5:
         raise RuntimeError("toy crash")
     for step in range(1, config.steps + 1):
@@ -207,9 +213,9 @@ def test_sinusoid_offline_run_reads_back(tmp_path, monkeypatch):
     recorders = []
     start = tracking.start
 
-    def recording_start(config, out, **kwargs):
+    def recording_start(config, flat, out, **kwargs):
         recorders.append(Recorder())
-        return MultiLogger(start(config, out, **kwargs), recorders[-1])
+        return MultiLogger(start(config, flat, out, **kwargs), recorders[-1])
 
     monkeypatch.setattr(tracking, "start", recording_start)
 

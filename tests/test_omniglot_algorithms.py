@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 import maml
-from experiments import algorithms, cli, lake_oneshot, omniglot
+from experiments import algorithms, cli, evaluation, lake_oneshot, omniglot
 from test_omniglot_experiment import (MINI, data_args, final_params, lake_dir, omniglot_dir,  # noqa: F401 (fixtures)
                                       xla_cache)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", algorithms.ALGORITHMS)
+@pytest.mark.parametrize("algorithm", algorithms.NAMES)
 def test_every_algorithm_runs_end_to_end(algorithm, data_args, lake_dir, tmp_path, monkeypatch):
     """Each --algorithm trains for 3 meta-iterations on the real data at a tiny size, validates and tests,
     adapting at evaluation with the algorithm's own inner loop and strategy (mamlpp: per-step batch norm);
@@ -23,21 +23,21 @@ def test_every_algorithm_runs_end_to_end(algorithm, data_args, lake_dir, tmp_pat
     extra = {"mamlpp": ["--mamlpp-per-step-bn", "--inner-steps", "2", "--mamlpp-first-order-iterations", "1"]}
     argv = [*data_args, *MINI, "--iterations", "3", "--algorithm", algorithm, *extra.get(algorithm, [])]
     seen = []
-    real = omniglot.task_accuracies
+    real = evaluation.task_accuracies
 
-    def spy(model, images, config, key, num_tasks, inner=None, strategy=maml.SecondOrder()):
+    def spy(model, images, episodes, key, num_tasks, inner, strategy):
         seen.append((model, inner, strategy))
-        return real(model, images, config, key, num_tasks, inner, strategy)
+        return real(model, images, episodes, key, num_tasks, inner, strategy)
 
-    monkeypatch.setattr(omniglot, "task_accuracies", spy)
+    monkeypatch.setattr(evaluation, "task_accuracies", spy)
     results = omniglot.main([*argv, "--out", str(tmp_path / "run")])
     assert results["meta_iterations"] == 3 and 0.0 <= results["test_accuracy"] <= 1.0
     assert results["config"]["algorithm"] == algorithm
-    config = cli.parse(omniglot.OmniglotConfig, argv)
-    expected = omniglot.make_algorithm(config, jax.random.PRNGKey(0))
+    config = cli.parse(omniglot.OmniglotConfig, argv, omniglot.algorithms)
+    expected = omniglot.setup(config).algo
     assert len(seen) == 2  # validation at step 3, then the test tasks
     for model, inner, strategy in seen:
-        assert eqx.tree_equal(inner, expected.inner.with_steps(config.eval_steps))
+        assert eqx.tree_equal(inner, expected.inner.with_steps(config.evaluation.eval_steps))
         assert type(strategy) is type(expected.strategy)
         assert jax.tree.structure(eqx.filter(model, eqx.is_array)) == \
             jax.tree.structure(eqx.filter(expected.model, eqx.is_array))
@@ -53,8 +53,8 @@ def test_every_algorithm_runs_end_to_end(algorithm, data_args, lake_dir, tmp_pat
     assert lake["items"] == 400 and 0.0 <= lake["error_rate"] <= 1.0 and lake["algorithm"] == algorithm
     assert lake["head"].startswith("zero (20-way") and lake["checkpoint_step"] == 3
     assert ("their mean" in lake["head"]) == (algorithm == "metasgd")
-    assert lake["inner_lr"] == ("learned" if algorithm in ("metasgd", "mamlpp") else config.inner_lr)
+    assert lake["inner_lr"] == ("learned" if algorithm in ("metasgd", "mamlpp") else config.algorithm.inner_lr)
     model, inner, strategy = seen[0][:3]
-    assert eqx.tree_equal(inner, expected.inner.with_steps(config.eval_steps)) and type(strategy) is type(expected.strategy)
+    assert eqx.tree_equal(inner, expected.inner.with_steps(config.evaluation.eval_steps)) and type(strategy) is type(expected.strategy)
     head_shapes = [leaf.shape for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array)) if 20 in leaf.shape[-1:]]
     assert head_shapes, "the 20-way head is in the model"

@@ -24,8 +24,7 @@ import pytest
 import maml
 from data.episodes import episode_sampler
 from data.omniglot import ZIPS
-from experiments import algorithms, cli, lake_oneshot, omniglot
-from experiments.sinusoid import SinusoidConfig
+from experiments import algorithms, cli, evaluation, lake_oneshot, omniglot, runs, sinusoid
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -179,9 +178,9 @@ def test_shots_plus_queries_above_20_is_one_line(tmp_path, capsys):
 def test_checkpoint_of_another_experiment_is_one_line(tmp_path, capsys):
     other = tmp_path / "sinusoid_run"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps(cli.to_json(SinusoidConfig())))
+    (other / "config.json").write_text(json.dumps(cli.to_flat(cli.parse(sinusoid.CONFIG, [], sinusoid.algorithms))))
     err = one_line_error(capsys, lake_oneshot, ["--runs", str(tmp_path), "--checkpoint", str(other)])
-    assert "is not an experiments.omniglot run" in err
+    assert "is an experiments.sinusoid run; expected an experiments.omniglot output folder" in err
     err = one_line_error(capsys, lake_oneshot, ["--runs", str(tmp_path), "--checkpoint", str(tmp_path / "none")])
     assert "has no config.json" in err
 
@@ -189,7 +188,7 @@ def test_checkpoint_of_another_experiment_is_one_line(tmp_path, capsys):
 def test_out_folder_of_another_experiment_is_one_line(data_args, tmp_path, capsys):
     other = tmp_path / "sinusoid_run"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps(cli.to_json(SinusoidConfig())))
+    (other / "config.json").write_text(json.dumps(cli.to_flat(cli.parse(sinusoid.CONFIG, [], sinusoid.algorithms))))
     err = one_line_error(capsys, omniglot, [*data_args, "--out", str(other)])
     assert "holds a run with another config" in err
 
@@ -209,11 +208,9 @@ def test_short_training_beats_chance_on_held_out_alphabets(data_args, lake_dir, 
 
 def final_params(run_dir: Path) -> list[np.ndarray]:
     """The array leaves of the model in `run_dir`'s newest checkpoint (and of the untrained model)."""
-    config = lake_oneshot.load_run_config(run_dir)
-    like, _ = omniglot.initial_state(config)
-    model = maml.latest_checkpoint(run_dir / "checkpoints", like)[1].model
+    run = runs.load(run_dir)
     leaves = lambda m: [np.asarray(a) for a in jax.tree.leaves(eqx.filter(m, eqx.is_array))]
-    return leaves(model), leaves(like.model)
+    return leaves(run.state.model), leaves(run.setup.state.model)
 
 
 # Both runs in one subprocess with 2 fake CPU devices (as tests/test_parallel.py), so the same XLA flags
@@ -261,12 +258,11 @@ def test_meta_batch_must_divide_across_devices(data_args, tmp_path):
 
 
 def config_of(*argv: str) -> omniglot.OmniglotConfig:
-    return cli.parse(omniglot.OmniglotConfig, ["--data-dir", "unused", *argv])
+    return cli.parse(omniglot.OmniglotConfig, ["--data-dir", "unused", *argv], omniglot.algorithms)
 
 
 def test_algorithm_flags_build_their_pieces():
-    key = jax.random.PRNGKey(0)
-    build = lambda *argv: omniglot.make_algorithm(config_of("--filters", "4", *argv), key)
+    build = lambda *argv: omniglot.setup(config_of("--filters", "4", *argv)).algo
     assert isinstance(build().strategy, maml.SecondOrder) and isinstance(build().model, maml.nn.Conv4)
     assert isinstance(build("--first-order").strategy, maml.FirstOrder)  # --first-order: FOMAML, as before
     assert isinstance(build("--algorithm", "fomaml").strategy, maml.FirstOrder)
@@ -279,14 +275,17 @@ def test_algorithm_flags_build_their_pieces():
     assert isinstance(build("--algorithm", "mamlpp").model.model, maml.nn.Conv4)
     assert isinstance(build("--algorithm", "reptile").strategy, maml.Reptile)
     assert isinstance(build("--algorithm", "imaml").strategy, maml.Implicit)
-    with pytest.raises(ValueError, match="--first-order with --algorithm=reptile"):
+    with pytest.raises(ValueError, match="--first-order is an option of --algorithm maml / anil / metasgd / "
+                                         "mamlpp, not of --algorithm reptile; drop the flag"):
         build("--algorithm", "reptile", "--first-order")
     with pytest.raises(ValueError, match="--algorithm='mamlxx'; expected one of maml, fomaml"):
         config_of("--algorithm", "mamlxx")
-    assert {"devices", "wandb", "algorithm", "mamlpp_per_step_bn"} <= {f for f in cli.to_json(config_of())}
-    assert set(algorithms.ALGORITHMS) == {"maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "imaml"}
+    assert {"devices", "wandb", "algorithm", "first_order"} <= set(cli.to_flat(config_of()))
+    assert "mamlpp_per_step_bn" in cli.to_flat(config_of("--algorithm", "mamlpp"))
+    assert set(algorithms.NAMES) == {"maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "imaml"}
+    resumable = {leaf.key for leaf, _ in cli.flat_leaves(config_of()) if leaf.resumable}
     for name in ("devices", "coordinator", "num_processes", "process_id", "wandb", "wandb_project", "wandb_dir"):
-        assert name in omniglot.RESUMABLE
+        assert name in resumable
 
 
 def test_evaluation_adapts_with_learned_rates():
@@ -297,12 +296,12 @@ def test_evaluation_adapts_with_learned_rates():
     images = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (12, 20, 28, 28), 0, 256), np.uint8)
     key = jax.random.PRNGKey(2)
     frozen = eqx.tree_at(lambda m: m.lr, algo.model, jax.tree.map(jnp.zeros_like, algo.model.lr))
-    after = omniglot.task_accuracies(frozen, images, config, key, 4, algo.inner, algo.strategy)
-    tasks = omniglot._draw(episode_sampler(images, config.ways, config.shots, config.queries, 4),
-                           jax.random.fold_in(key, 0))
+    episodes, inner = config.data.episodes, algo.inner.with_steps(config.evaluation.eval_steps)
+    after = evaluation.task_accuracies(frozen, images, episodes, key, 4, inner, algo.strategy)
+    tasks = evaluation.draw(episode_sampler(images, *episodes, 4), jax.random.fold_in(key, 0))
     before = eqx.filter_jit(lambda m, ts: jax.vmap(lambda t: maml.nn.accuracy(m, t.query_x, t.query_y))(ts))(
         frozen.model, tasks)
     np.testing.assert_array_equal(after, np.asarray(before))
-    plain = omniglot.task_accuracies(frozen.model, images, config, key, 4, maml.InnerLoop(
-        maml.nn.cross_entropy, 2, 5.0))  # a plain inner loop with a big step does change them
+    plain = evaluation.task_accuracies(frozen.model, images, episodes, key, 4, maml.InnerLoop(
+        maml.nn.cross_entropy, 2, 5.0), maml.SecondOrder())  # a plain inner loop with a big step does change them
     assert not np.array_equal(plain, after)

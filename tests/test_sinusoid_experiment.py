@@ -69,10 +69,15 @@ def test_resume_with_another_config_is_one_line(tmp_path):
     assert "holds a run with another config" in result.stderr and "shots" in result.stderr
 
 
-def test_help_lists_every_config_field():
+def test_help_lists_every_config_field_grouped():
     result = cli("--help")
     assert result.returncode == 0
-    import dataclasses
+    from experiments import cli as cli_module
 
-    for f in dataclasses.fields(sinusoid.SinusoidConfig):
-        assert "--" + f.name.replace("_", "-") in result.stdout
+    flags = cli_module.all_leaves(sinusoid.SinusoidConfig, sinusoid.algorithms)
+    assert len(flags) > 40
+    for leaf in flags.values():
+        assert leaf.flag in result.stdout
+    for group in ("tasks:", "training:", "evaluation:", "runtime:", "tracking:", "algorithm:",
+                  "--algorithm reptile:", "--algorithm imaml:", "--algorithm mamlpp:"):
+        assert f"\n{group}" in result.stdout, group
