@@ -4,8 +4,7 @@ experiments.curvature on real runs: tests/test_curvature_experiment.py."""
 from __future__ import annotations
 
 import functools
-import json
-from pathlib import Path
+import re
 
 import equinox as eqx
 import jax
@@ -267,3 +266,29 @@ def test_float32_compensated_krylov_scalars():
     for i, H in enumerate(np.asarray(dense(jnp.array([1.0, 2.0])), np.float64)):
         w = np.linalg.eigvalsh(H)
         assert got.dtype == jnp.float32 and _rel(got[i], w[::-1][:2]) < 2e-5
+
+
+@pytest.mark.parametrize("wide", [True, False], ids=["float64", "float32"])
+def test_curvature_programs_call_no_lapack_kernel(wide):
+    """jaxlib 0.10.2's batched LAPACK kernels deadlock when two run at once on a 2-thread CPU pool (a
+    program with three independent batched QRs hung within 2 minutes of calls here), so the compiled
+    per-task diagnostics and densities, vmapped over tasks and probes, must not contain one."""
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", wide)
+    try:
+        model = MLP(1, 1, (6,), key=jax.random.key(0))
+        x = jnp.linspace(-1.0, 1.0, 8)[:, None]
+        tasks = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), Task(x, jnp.sin(x), x, jnp.cos(x)))
+        inner = InnerLoop(losses.mse, 1, 0.1)
+
+        def programs(model, tasks, key):
+            tc = task_curvature(model, tasks, inner, key=key, k=2, num_iters=8, trace_method=C.HutchPlusPlus(9))
+            dens = jax.vmap(lambda t, k: C.spectral_density(*meta_objective(model, t, inner), key=k, num_probes=2,
+                                                            num_iters=6).density)(tasks, jax.random.split(key, 2))
+            return tc, dens
+
+        text = jax.jit(programs).lower(model, tasks, jax.random.key(1)).compile().as_text()
+        targets = set(re.findall(r'custom_call_target="([^"]+)"', text))
+        assert targets == {"xla_ffi_python_cpu_callback"}, targets  # the host eigh, and nothing from LAPACK
+    finally:
+        jax.config.update("jax_enable_x64", old)

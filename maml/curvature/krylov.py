@@ -6,10 +6,14 @@ dtype; the Krylov scalars (alpha, beta) and the tridiagonal eigenproblem are flo
 - with `jax_enable_x64` on, in float64 on device (dots cast the vectors to float64);
 - with it off, float64 is unavailable on device, so alpha and beta are computed by compensated dot
   products (each float32 split into two 12-bit halves by bit masking, so every partial product is exact;
-  then a pairwise TwoSum tree; Ogita-Rump-Oishi style) and kept as float32 pairs `hi + lo` (about 44
-  bits); the m x m tridiagonal eigenproblem is solved in numpy float64 on the host (`jax.pure_callback`;
-  under vmap one callback loops over the batch) from `hi + lo`, and the results are rounded to float32
-  once. Jittable and vmappable; on GPU the callback moves only the 2m Krylov scalars.
+  then a pairwise TwoSum tree; Ogita-Rump-Oishi style) and kept as float32 pairs `hi + lo` (about 44 bits).
+
+In both cases the m x m tridiagonal eigenproblem is solved in numpy float64 on the host
+(`jax.pure_callback`; under vmap one callback loops over the batch) from `hi + lo`, and the results are
+given back in the operator's precision (rounded to float32 once when x64 is off). Jittable and vmappable;
+on GPU the callback moves only the 2m Krylov scalars. Not on device: jaxlib 0.10.2's batched LAPACK kernels
+(`eigh` under vmap) deadlock when two of them run at once on a small CPU thread pool (see
+`maml.curvature.traces.orthonormal_rows`), and the densities run Lanczos vmapped over probes and tasks.
 
 A breakdown (beta <= 10 sqrt(m) eps |T|: an invariant subspace was found, e.g. when `num_iters` reaches
 the dimension or the operator has low rank) restarts from a fresh random vector orthogonal to the basis with beta = 0, so T stays a valid
@@ -155,12 +159,8 @@ def lanczos(matvec: Matvec, v0: Float[Array, " n"], num_iters: int, *, key: PRNG
 # ---------------------------------------------------------------- the tridiagonal eigenproblem
 
 
-def _tridiag(alpha, beta):
-    return jnp.diag(alpha) + jnp.diag(beta[:-1], 1) + jnp.diag(beta[:-1], -1)
-
-
 def _host_eigh(a_hi, a_lo, b_hi, b_lo):
-    """numpy float64 eigh of T rebuilt from the compensated pairs; returns float32 results."""
+    """numpy float64 eigh of T rebuilt from the (compensated) pairs; results in the dtype of `a_hi`."""
     f64 = lambda u: np.asarray(u).astype(np.float64)  # callbacks may receive jax Arrays: go to numpy first
     a = f64(a_hi) + f64(a_lo)
     b = f64(b_hi) + f64(b_lo)
@@ -172,19 +172,15 @@ def _host_eigh(a_hi, a_lo, b_hi, b_lo):
         w, s = np.linalg.eigh(t)
         vals.append(w)
         vecs.append(s)
-    m = a.shape[-1]
-    vals = np.stack(vals).reshape(*batch, m).astype(np.float32)
-    vecs = np.stack(vecs).reshape(*batch, m, m).astype(np.float32)
-    return vals, vecs
+    m, dtype = a.shape[-1], np.asarray(a_hi).dtype
+    return np.stack(vals).reshape(*batch, m).astype(dtype), np.stack(vecs).reshape(*batch, m, m).astype(dtype)
 
 
 def tridiagonal_eigh(state: LanczosState) -> tuple[Float[Array, " m"], Float[Array, "m m"]]:
-    """Ritz values `theta [m]` (ascending) and eigenvectors `S [m, m]` (columns) of T, in float64
-    (on device when x64 is on; on the host, rounded to float32, when it is off)."""
-    if x64_enabled():
-        return jnp.linalg.eigh(_tridiag(state.alpha, state.beta))
-    m = state.alpha.shape[-1]
-    shapes = (jax.ShapeDtypeStruct((m,), jnp.float32), jax.ShapeDtypeStruct((m, m), jnp.float32))
+    """Ritz values `theta [m]` (ascending) and eigenvectors `S [m, m]` (columns) of T, computed in float64
+    on the host (rounded to float32 when x64 is off)."""
+    m, dtype = state.alpha.shape[-1], state.alpha.dtype
+    shapes = (jax.ShapeDtypeStruct((m,), dtype), jax.ShapeDtypeStruct((m, m), dtype))
     return jax.pure_callback(
         _host_eigh, shapes, state.alpha, state.alpha_lo, state.beta, state.beta_lo, vmap_method="broadcast_all"
     )

@@ -30,6 +30,24 @@ def _mean_se(y: Array) -> tuple[Array, Array]:
     return jnp.mean(y), jnp.std(y, ddof=1) / jnp.sqrt(y.shape[0])
 
 
+def orthonormal_rows(a: Float[Array, "s n"]) -> Float[Array, "s n"]:
+    """Orthonormal rows spanning (at least) the rows of `a`, by classical Gram-Schmidt, twice ("twice is
+    enough"): a row numerically in the span of the earlier ones is its normalised rounding residual, still
+    orthogonal to them after the second pass, so `s = n` rows give a basis (Hutch++ needs orthonormality,
+    not the span; only an exactly zero residual stays a zero row). Pure JAX, no LAPACK call: jaxlib 0.10.2's batched
+    LAPACK kernels deadlock when two of them run at once on a small CPU thread pool (a program with three
+    independent batched QRs hung within 2 minutes of calls on 2 cores), and this runs vmapped over tasks."""
+
+    def body(q, i):
+        v = a[i]
+        for _ in range(2):
+            v = v - q.T @ jnp.dot(q, v, precision="highest")  # rows not filled yet are zero
+        norm = jnp.sqrt(jnp.vdot(v, v))
+        return q.at[i].set(jnp.where(norm > 0, v / jnp.where(norm > 0, norm, 1.0), 0.0)), None
+
+    return jax.lax.scan(body, jnp.zeros_like(a), jnp.arange(a.shape[0]))[0]
+
+
 class AbstractTraceEstimator(eqx.Module):
     """A randomised trace estimator using `num_hvps` matrix-vector products."""
 
@@ -60,7 +78,7 @@ class HutchPlusPlus(AbstractTraceEstimator):
         s = min(max(self.num_hvps // 3, 1), n)
         g = 0 if s == n else max(self.num_hvps - 2 * s, 1)
         sketch = matmat(jax.random.rademacher(k1, (s, n), dtype=dtype))
-        q = jnp.linalg.qr(sketch.T)[0].T  # [s, n], orthonormal rows
+        q = orthonormal_rows(sketch)  # [s, n]
         exact = jnp.sum((q * matmat(q)).astype((jnp.float64 if x64_enabled() else jnp.float32)))
         if g == 0:
             return exact, jnp.zeros((), exact.dtype), 2 * s
