@@ -64,8 +64,8 @@ def main(argv=None) -> list[dict]:
     sampler = SinusoidTasks(args.batch, 10, 10)
     makers = {
         "single": lambda n: maml.with_task_sampler(maml.make_train_step(optimizer, inner)),
-        "pmap": lambda n: maml.parallel.pmap_train_step(optimizer, inner, num_devices=n),
-        "sharded": lambda n: maml.parallel.sharded_train_step(optimizer, inner, num_devices=n),
+        "pmap": lambda n: maml.parallel.train_step(optimizer, inner, num_devices=n, over=maml.parallel.Pmap()),
+        "sharded": lambda n: maml.parallel.train_step(optimizer, inner, num_devices=n),
     }
     forms = args.forms.split(",")
     configs = [(form, n) for n in counts for form in forms if form != "single" or n == 1]

@@ -285,19 +285,13 @@ def merge_splits(per_split: dict[str, dict[str, np.ndarray]]) -> dict[str, np.nd
     }
 
 
-def load_omniglot(
-    data_dir: os.PathLike | str | None,
-    cache_dir: os.PathLike | str,
-    *,
-    splits: Sequence[str] | None = None,
-    download: bool = False,
-    base_url: str = BASE_URL,
-) -> dict[str, np.ndarray]:
-    """`load_splits` then `merge_splits`: class-major `images uint8 [C, 20, 28, 28]` with labels.
+def load_omniglot(data_dir: os.PathLike | str | None, cache_dir: os.PathLike | str, **options) -> dict[str, np.ndarray]:
+    """`load_splits(data_dir, cache_dir, **options)` then `merge_splits`: class-major
+    `images uint8 [C, 20, 28, 28]` with labels.
 
     With the two minimal zips: 242 characters of 8 alphabets (Greek and Latin, in both, kept once).
     """
-    return merge_splits(load_splits(data_dir, cache_dir, splits=splits, download=download, base_url=base_url))
+    return merge_splits(load_splits(data_dir, cache_dir, **options))
 
 
 def split_by_alphabet(

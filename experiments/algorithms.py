@@ -17,7 +17,7 @@ import equinox as eqx
 import optax
 
 import maml
-from experiments.cli import FlagError, check, check_int, check_positive, flag
+from experiments.config import NON_NEGATIVE, POSITIVE, Checked, FlagError, at_least, flag
 
 
 class Algorithm(NamedTuple):
@@ -31,24 +31,17 @@ class Algorithm(NamedTuple):
 
 
 @dataclass(frozen=True)
-class AlgorithmConfig(abc.ABC):
+class AlgorithmConfig(Checked, abc.ABC):
     """Options every algorithm has."""
 
     name: ClassVar[str]
-    inner_steps: int = flag(1, "inner SGD steps in meta-training")
-    inner_lr: float = flag(0.01, "inner SGD learning rate")
-
-    def __post_init__(self):
-        check_int(self, "inner_steps", 1)
-        check_positive(self, "inner_lr")
+    inner_steps: int = flag(1, "inner SGD steps in meta-training", rule=at_least(1))
+    inner_lr: float = flag(0.01, "inner SGD learning rate", rule=POSITIVE)
 
     def key(self, field: str) -> str:
         """The flat key of one of this config's fields (own fields carry the algorithm's name)."""
         own = vars(type(self)).get("__annotations__", {})
         return f"{self.name}_{field.rstrip('_')}" if field in own else field
-
-    def check(self, condition: bool, field: str, expected: str) -> None:
-        check(condition, self.key(field), getattr(self, field), expected)
 
     @abc.abstractmethod
     def build(self, model: Any, loss_fn: Callable, *, iterations: int) -> Algorithm:
@@ -65,11 +58,7 @@ def registry(*defaults: AlgorithmConfig) -> dict[str, AlgorithmConfig]:
 class AdamOuter(AlgorithmConfig):
     """Options of the algorithms whose outer update is Adam on a meta-gradient."""
 
-    outer_lr: float = flag(1e-3, "Adam learning rate of the outer (meta) update")
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_positive(self, "outer_lr")
+    outer_lr: float = flag(1e-3, "Adam learning rate of the outer (meta) update", rule=POSITIVE)
 
 
 @dataclass(frozen=True)
@@ -77,11 +66,11 @@ class Differentiated(AdamOuter):
     """Options of the algorithms that differentiate through the inner loop."""
 
     first_order: bool = flag(False, "first order: no second derivatives through the inner loop")
-    inner_checkpoint: int = flag(0, "remat the inner loop in segments of N steps (0: off; memory-bounded 2nd order)")
+    inner_checkpoint: int = flag(0, "remat the inner loop in segments of N steps (0: off; memory-bounded 2nd order)",
+                                 rule=at_least(0))
 
     def __post_init__(self):
         super().__post_init__()
-        check_int(self, "inner_checkpoint", 0)
         if self.inner_checkpoint and self.first_order:
             raise FlagError("--inner-checkpoint", f"--inner-checkpoint={self.inner_checkpoint} with --first-order: "
                             "only second order keeps the inner loop for the backward pass; use 0")
@@ -130,11 +119,7 @@ class MetaSGD(Differentiated):
     """Meta-SGD (Li et al. 2017): one meta-learned inner rate per parameter."""
 
     name: ClassVar[str] = "metasgd"
-    init_lr: float = flag(0.0, "initial per-parameter inner rate (0: the inner lr)")
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.check(self.init_lr >= 0, "init_lr", ">= 0 (0: the inner lr)")
+    init_lr: float = flag(0.0, "initial per-parameter inner rate (0: the inner lr)", rule=NON_NEGATIVE)
 
     def build(self, model, loss_fn, *, iterations):
         wrapped = maml.LearnedLR.per_parameter(model, self.init_lr or self.inner_lr)
@@ -147,19 +132,13 @@ class MAMLPlusPlus(Differentiated):
 
     name: ClassVar[str] = "mamlpp"
     msl: bool = flag(True, "multi-step loss with annealed weights")
-    msl_iterations: int = flag(5000, "meta-iterations over which the multi-step weights anneal")
+    msl_iterations: int = flag(5000, "meta-iterations over which the multi-step weights anneal", rule=at_least(1))
     lslr: bool = flag(True, "learned per-layer per-step inner rates")
     per_step_bn: bool = flag(False, "per-step batch norm (models with batch norm: maml.nn.PerStep)")
-    first_order_iterations: int = flag(0, "derivative-order annealing: first order for N meta-iterations")
+    first_order_iterations: int = flag(0, "derivative-order annealing: first order for N meta-iterations",
+                                       rule=at_least(0))
     cosine: bool = flag(True, "cosine annealing of the outer rate over the run's iterations")
-    min_lr: float = flag(1e-5, "final outer rate of the cosine schedule")
-
-    def __post_init__(self):
-        super().__post_init__()
-        for field, low in (("msl_iterations", 1), ("first_order_iterations", 0)):
-            value = getattr(self, field)
-            self.check(isinstance(value, int) and value >= low, field, f"an integer >= {low}")
-        self.check(self.min_lr > 0, "min_lr", "a positive number")
+    min_lr: float = flag(1e-5, "final outer rate of the cosine schedule", rule=POSITIVE)
 
     def build(self, model, loss_fn, *, iterations):
         if self.per_step_bn:
@@ -184,11 +163,7 @@ class Reptile(AlgorithmConfig):
     """Reptile (Nichol et al. 2018): move the initialisation towards the adapted parameters."""
 
     name: ClassVar[str] = "reptile"
-    step_size: float = flag(1.0, "outer step size, annealed linearly to 0 over the run's iterations")
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.check(self.step_size > 0, "step_size", "a positive number")
+    step_size: float = flag(1.0, "outer step size, annealed linearly to 0 over the run's iterations", rule=POSITIVE)
 
     def build(self, model, loss_fn, *, iterations):
         inner = maml.InnerLoop(loss_fn, self.inner_steps, self.inner_lr)
@@ -200,13 +175,9 @@ class IMAML(AdamOuter):
     """iMAML (Rajeswaran et al. 2019): the implicit meta-gradient of a proximal inner problem."""
 
     name: ClassVar[str] = "imaml"
-    lambda_: float = flag(2.0, "proximal strength lam (below -min eig(H), I + H/lam is indefinite: CG degrades)")
-    cg_steps: int = flag(5, "conjugate-gradient iterations")
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.check(self.lambda_ > 0, "lambda_", "a positive number")
-        self.check(isinstance(self.cg_steps, int) and self.cg_steps >= 1, "cg_steps", "an integer >= 1")
+    lambda_: float = flag(2.0, "proximal strength lam (below -min eig(H), I + H/lam is indefinite: CG degrades)",
+                          rule=POSITIVE)
+    cg_steps: int = flag(5, "conjugate-gradient iterations", rule=at_least(1))
 
     def build(self, model, loss_fn, *, iterations):
         inner = maml.InnerLoop(loss_fn, self.inner_steps, self.inner_lr)

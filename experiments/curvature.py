@@ -45,7 +45,7 @@ from jax.flatten_util import ravel_pytree
 
 import maml
 from experiments import cli, evaluation, runs, spectra, tracking
-from experiments.cli import FlagError, flag, section
+from experiments.config import POSITIVE, Checked, FlagError, at_least, flag, section, to_flat
 
 # Defaults of the cost settings per run type (a flag given on the command line wins).
 DEFAULTS = {
@@ -67,26 +67,22 @@ def _per_type(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class Budget:
+class Budget(Checked):
     """What is computed, and how many HVPs it costs."""
 
-    tasks: Optional[int] = flag(None, "held-out tasks to analyse (" + _per_type("tasks") + ")")
-    k: int = flag(5, "top eigenvalues per task")
+    tasks: Optional[int] = flag(None, "held-out tasks to analyse (" + _per_type("tasks") + ")", rule=POSITIVE)
+    k: int = flag(5, "top eigenvalues per task", rule=POSITIVE)
     num_iters: Optional[int] = flag(None, "Lanczos steps per task and objective, one HVP each ("
-                                    + _per_type("num_iters") + ")")
-    trace_hvps: Optional[int] = flag(None, "Hutch++ HVPs per trace (" + _per_type("trace_hvps") + ")")
+                                    + _per_type("num_iters") + ")", rule=POSITIVE)
+    trace_hvps: Optional[int] = flag(None, "Hutch++ HVPs per trace (" + _per_type("trace_hvps") + ")", rule=POSITIVE)
     density_tasks: Optional[int] = flag(None, "tasks whose SLQ densities are computed, 0: none ("
-                                        + _per_type("density_tasks") + ")")
-    probes: Optional[int] = flag(None, "SLQ probe vectors per density (" + _per_type("probes") + ")")
-    slq_iters: Optional[int] = flag(None, "Lanczos steps per SLQ probe (" + _per_type("slq_iters") + ")")
+                                        + _per_type("density_tasks") + ")", rule=at_least(0, " (0: no densities)"))
+    probes: Optional[int] = flag(None, "SLQ probe vectors per density (" + _per_type("probes") + ")", rule=POSITIVE)
+    slq_iters: Optional[int] = flag(None, "Lanczos steps per SLQ probe (" + _per_type("slq_iters") + ")",
+                                    rule=POSITIVE)
     seed: int = flag(1234, "random seed (tasks, probes)")
     batch_meta: bool = flag(True, "also the top-k and trace of the batch-mean meta-objective (on Conv4 its HVP "
                                   "program is about a third of the compile time; --no-batch-meta skips it)")
-
-    def __post_init__(self):
-        cli.check_positive(self, "tasks", "k", "num_iters", "trace_hvps", "probes", "slq_iters")
-        if self.density_tasks is not None:
-            cli.check_int(self, "density_tasks", 0, " (0: no densities)")
 
     def resolved(self, kind: str) -> "Budget":
         """This budget with the unset settings filled in with `kind`'s defaults."""
@@ -168,9 +164,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if out.exists() and not out.is_dir():
         raise FlagError("--out", f"--out {config.out!r} is a file; expected a directory (existing or to be created)")
     out.mkdir(parents=True, exist_ok=True)
-    logger = tracking.start(config.tracking, cli.to_flat(config), out, job="curvature")
+    logger = tracking.start(config.tracking, to_flat(config), out, job="curvature")
     with logger:  # a crash finishes the wandb run as failed
-        results = {**diagnose(config.budget, loaded, run, out), "settings": cli.to_flat(config)}
+        results = {**diagnose(config.budget, loaded, run, out), "settings": to_flat(config)}
         maml.atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
         print(json.dumps({"support_top1_mean": results["support"]["top_k"]["mean"][0],
                           "meta_top1_mean": results["meta"]["top_k"]["mean"][0],

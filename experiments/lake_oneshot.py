@@ -36,28 +36,29 @@ import numpy as np
 import maml
 from data.lake_runs import load_lake_runs
 from experiments import cli, runs
-from experiments.cli import FlagError, flag
+from experiments.config import POSITIVE, Checked, FlagError, flag, flag_of, one_of, to_flat
 
 HEADS = ("auto", "trained", "zero")
 
 
 @dataclass(frozen=True)
-class LakeOneShotConfig:
+class LakeOneShotConfig(Checked):
     """Lake et al.'s 20-way one-shot runs, classified by an experiments.omniglot checkpoint."""
 
     runs: Optional[str] = flag(None, "folder or zip of Lake's runs (run01..run20) in their original layout (required)")
     checkpoint: Optional[str] = flag(None, "output folder of experiments.omniglot (config.json, checkpoints/) (required)")
-    head: str = flag("auto", "classifier head: trained (needs a 20-way checkpoint), zero, or auto (trained if 20-way)")
-    inner_steps: Optional[int] = flag(None, "inner SGD steps on each run's training images (default: the run's eval_steps)")
-    inner_lr: Optional[float] = flag(None, "inner SGD learning rate (default: the run's inner_lr)")
+    head: str = flag("auto", "classifier head: trained (needs a 20-way checkpoint), zero, or auto (trained if 20-way)",
+                     rule=one_of(HEADS))
+    inner_steps: Optional[int] = flag(None, "inner SGD steps on each run's training images (default: the run's "
+                                      "eval_steps)", rule=POSITIVE)
+    inner_lr: Optional[float] = flag(None, "inner SGD learning rate (default: the run's inner_lr)", rule=POSITIVE)
     out: str = flag("runs/lake_oneshot", "output folder (results.json)")
 
     def __post_init__(self):
         for name in ("runs", "checkpoint"):
             if not getattr(self, name):
-                raise FlagError(cli.flag_of(name), f"{cli.flag_of(name)} is required")
-        cli.check(self.head in HEADS, "head", self.head, "one of " + ", ".join(HEADS))
-        cli.check_positive(self, "inner_steps", "inner_lr")
+                raise FlagError(flag_of(name), f"{flag_of(name)} is required")
+        super().__post_init__()
 
 
 def _head(model) -> tuple[Any, Any]:
@@ -130,7 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "items": int(wrong.size), "head": head, "inner_steps": inner.steps,
         "inner_lr": "learned" if learned else inner.lr, "algorithm": run.config.algorithm.name,
         "checkpoint_step": run.step, "params_sha256": maml.params_sha256(model),
-        "run_config": cli.to_flat(run.config), "config": cli.to_flat(config),
+        "run_config": to_flat(run.config), "config": to_flat(config),
     }
     maml.atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
     print(json.dumps({k: results[k] for k in ("error_rate", "items", "head", "checkpoint_step")}))

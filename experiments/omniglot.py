@@ -48,14 +48,14 @@ from data.episodes import check_episode_args, episode_sampler
 from data.omniglot import IMAGE_SIZE, IMAGES_PER_CHARACTER, MINIMAL_TEST_ALPHABETS, load_omniglot, split_by_alphabet
 from experiments import algorithms as A
 from experiments import cli, evaluation, runtime, session, tracking
-from experiments.cli import FlagError, check_int, check_positive, flag, section
+from experiments.config import POSITIVE, Checked, FlagError, algorithm_field, at_least, flag, one_of, section, to_flat
 
 DEFAULT_CACHE = Path.home() / ".cache" / "maml_jax" / "tfds"
 BATCHINGS = {"map": maml.Map(), "vmap": maml.Vmap(), "unroll": maml.Unroll()}
 
 
 @dataclass(frozen=True)
-class Data:
+class Data(Checked):
     """Omniglot from its original zips, split by alphabet; N-way K-shot episodes with rotations as classes."""
 
     data_dir: Optional[str] = flag(None, "folder holding the Omniglot zips under their original names (required)")
@@ -66,15 +66,14 @@ class Data:
         + ",".join(MINIMAL_TEST_ALPHABETS) + ")")
     val_alphabets: tuple[str, ...] = flag((), "meta-train alphabets held out for validation (default: none; "
                                               "validate on fresh meta-train tasks)")
-    ways: int = flag(5, "N: classes per task")
-    shots: int = flag(1, "K: support images per class")
-    queries: int = flag(15, "query images per class")
+    ways: int = flag(5, "N: classes per task", rule=POSITIVE)
+    shots: int = flag(1, "K: support images per class", rule=POSITIVE)
+    queries: int = flag(15, "query images per class", rule=at_least(1))
 
     def __post_init__(self):
         if not self.data_dir:
             raise FlagError("--data-dir", "--data-dir is required; expected the folder holding the Omniglot zips")
-        check_positive(self, "ways", "shots")
-        check_int(self, "queries", 1)
+        super().__post_init__()
         if self.shots + self.queries > IMAGES_PER_CHARACTER:
             raise FlagError("--queries", f"--shots + --queries = {self.shots} + {self.queries} = "
                             f"{self.shots + self.queries}; expected at most the {IMAGES_PER_CHARACTER} images of an "
@@ -86,68 +85,53 @@ class Data:
 
 
 @dataclass(frozen=True)
-class Model:
+class Model(Checked):
     """Conv4 (batch norm with batch statistics) and how a batch of tasks is mapped in the step."""
 
-    filters: int = flag(64, "Conv4 filters per layer")
-    batching: str = flag("map", "how tasks are batched in the step: " + ", ".join(BATCHINGS))
-
-    def __post_init__(self):
-        check_positive(self, "filters")
-        cli.check(self.batching in BATCHINGS, "batching", self.batching, "one of " + ", ".join(BATCHINGS))
+    filters: int = flag(64, "Conv4 filters per layer", rule=POSITIVE)
+    batching: str = flag("map", "how tasks are batched in the step: " + ", ".join(BATCHINGS), rule=one_of(BATCHINGS))
 
     def build(self, ways: int, key: jax.Array) -> maml.nn.Conv4:
         return maml.nn.Conv4(1, ways, self.filters, IMAGE_SIZE, key=key)
 
 
 @dataclass(frozen=True)
-class Training:
+class Training(Checked):
     """Meta-training, validation and checkpoints."""
 
-    meta_batch: int = flag(32, "tasks per meta-iteration")
-    iterations: int = flag(60_000, "meta-iterations", resumable=True)
+    meta_batch: int = flag(32, "tasks per meta-iteration", rule=POSITIVE)
+    iterations: int = flag(60_000, "meta-iterations", rule=POSITIVE, resumable=True)
     max_minutes: Optional[float] = flag(None, "stop training at the first validation after this many minutes",
-                                        resumable=True)
+                                        rule=POSITIVE, resumable=True)
     seed: int = flag(0, "random seed (model init, tasks)")
-    steps_per_call: int = flag(10, "meta-iterations per compiled call (lax.scan)")
-    val_every: int = flag(500, "validate and checkpoint every N meta-iterations")
-    val_tasks: int = flag(100, "validation tasks", resumable=True)
+    steps_per_call: int = flag(10, "meta-iterations per compiled call (lax.scan)", rule=POSITIVE)
+    val_every: int = flag(500, "validate and checkpoint every N meta-iterations", rule=POSITIVE)
+    val_tasks: int = flag(100, "validation tasks", rule=POSITIVE, resumable=True)
     skip_nonfinite: int = flag(0, "skip meta-steps with a NaN/inf meta-loss or meta-gradient, up to N in a row "
-                                  "(optax.apply_if_finite; counted in results.json); 0: stop the run at the first")
-
-    def __post_init__(self):
-        check_positive(self, "meta_batch", "iterations", "max_minutes", "steps_per_call", "val_every", "val_tasks")
-        check_int(self, "skip_nonfinite", 0)
+                                  "(optax.apply_if_finite; counted in results.json); 0: stop the run at the first",
+                               rule=at_least(0))
 
 
 @dataclass(frozen=True)
-class Evaluation:
+class Evaluation(Checked):
     """The final evaluation on the meta-test alphabets (and the adaptation at validation)."""
 
     eval_steps: Optional[int] = flag(None, "inner steps at validation and test (default: 3 for 5-way, 5 for 20-way)",
-                                     resumable=True)
-    eval_tasks: int = flag(600, "held-out test tasks of the final evaluation", resumable=True)
-
-    def __post_init__(self):
-        check_positive(self, "eval_tasks")
-        if self.eval_steps is not None:
-            check_int(self, "eval_steps", 1)
+                                     rule=at_least(1), resumable=True)
+    eval_tasks: int = flag(600, "held-out test tasks of the final evaluation", rule=POSITIVE, resumable=True)
 
 
 @dataclass(frozen=True)
-class OmniglotConfig:
+class OmniglotConfig(session.ExperimentConfig):
     """MAML on Omniglot (Finn et al. 2017); defaults are the paper's setup (see the module docstring)."""
 
     experiment: ClassVar[str] = "omniglot"
     data: Data = section(Data)
     model: Model = section(Model)
-    algorithm: A.AlgorithmConfig = cli.algorithm_field()
+    algorithm: A.AlgorithmConfig = algorithm_field()
     training: Training = section(Training)
     evaluation: Evaluation = section(Evaluation)
-    runtime: runtime.RuntimeConfig = section(runtime.RuntimeConfig)
-    tracking: tracking.TrackingConfig = section(tracking.TrackingConfig)
     out: str = flag("runs/omniglot", "output folder (results.json, validation.jsonl, checkpoints/)", resumable=True)
-    progress: bool = flag(True, "show a progress bar", resumable=True)
 
     def __post_init__(self):
         if self.evaluation.eval_steps is None:  # resolved, so that config.json records the value used
@@ -264,7 +248,7 @@ def summary(config: OmniglotConfig, splits: Splits, result: maml.FitResult, accs
         "test_alphabets": list(splits.test_alphabets),
         "characters": {"train": len(splits.train), "validation": 0 if splits.val is None else len(splits.val),
                        "test": len(splits.test)},
-        "config": cli.to_flat(config), "devices": [str(d) for d in jax.devices()]}
+        "config": to_flat(config), "devices": [str(d) for d in jax.devices()]}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

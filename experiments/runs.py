@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import maml
-from experiments import cli
-from experiments.cli import FlagError
+from experiments.config import FlagError, from_flat
 
 EXPERIMENTS = {"sinusoid": "experiments.sinusoid", "omniglot": "experiments.omniglot"}
 # How config.json files written before they named their experiment are told apart.
@@ -62,7 +61,7 @@ def load(run_dir: Path, *, expect: Sequence[str] = tuple(EXPERIMENTS), expected:
     if kind not in expect:
         raise FlagError(flag, f"{flag} {str(run_dir)!r} is an experiments.{kind} run; expected {expected}")
     module = importlib.import_module(EXPERIMENTS[kind])
-    config = cli.from_flat(module.CONFIG, {**flat, **(overrides or {})}, module.algorithms,
+    config = from_flat(module.CONFIG, {**flat, **(overrides or {})}, module.algorithms,
                            where=str(run_dir / "config.json"))
     setup = module.setup(config)
     found = maml.latest_checkpoint(run_dir / "checkpoints", setup.state)

@@ -10,7 +10,7 @@
 
 `initialize(config)` joins the processes (once, before any other JAX work), with gloo collectives on
 CPU; inside a SLURM step (`srun`) the unset fields come from SLURM. `train_step(config, ...)` is the
-single-device step on one device and `maml.parallel.sharded_train_step` over `devices x processes`
+single-device step on one device and `maml.parallel.train_step` over `devices x processes`
 devices otherwise. Every process runs the same program; only `is_writer()` (process 0) writes files.
 """
 
@@ -28,14 +28,14 @@ import equinox as eqx
 import jax
 
 import maml
-from experiments import cli
+from experiments.config import flag
 from maml.meta import MetaTrainState, SampledStep
 
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
 
 def _f(default, help):  # none of these changes what is computed (beyond float round-off): resumable
-    return cli.flag(default, help, resumable=True)
+    return flag(default, help, resumable=True)
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def train_step(
             f"({n // jax.process_count()} per process x {jax.process_count()} processes); "
             "change --meta-batch or --devices"
         )
-    return maml.parallel.sharded_train_step(optimizer, inner, strategy=strategy, batching=batching, num_devices=n)
+    return maml.parallel.train_step(optimizer, inner, strategy=strategy, batching=batching, num_devices=n)
 
 
 def resume(state: MetaTrainState, checkpoint_dir: Optional[Path]) -> tuple[MetaTrainState, Optional[Path]]:

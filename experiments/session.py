@@ -22,6 +22,17 @@ import numpy as np
 
 import maml
 from experiments import cli, runtime, tracking
+from experiments.config import flag, section, to_flat
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """What every experiment's config has besides its own sections: devices and processes, tracking, the
+    progress bar (subclasses add their sections and `out`)."""
+
+    runtime: runtime.RuntimeConfig = section(runtime.RuntimeConfig)
+    tracking: tracking.TrackingConfig = section(tracking.TrackingConfig)
+    progress: bool = flag(True, "show a progress bar", resumable=True)
 
 
 @dataclasses.dataclass
@@ -61,7 +72,7 @@ def run(config: Any, *, job: str, console_every: int = 1) -> Iterator[Session]:
         yield Session(Path(config.out), None)
         return
     out = cli.prepare_out(config.out, config)
-    logger = tracking.start(config.tracking, cli.to_flat(config), out, job=job, console_every=console_every)
+    logger = tracking.start(config.tracking, to_flat(config), out, job=job, console_every=console_every)
     with logger:
         yield Session(out, logger)
 

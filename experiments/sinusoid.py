@@ -25,91 +25,80 @@ import maml
 from data.sinusoid import SinusoidTasks, sample_tasks
 from experiments import algorithms as A
 from experiments import cli, runtime, session, tracking
-from experiments.cli import check, check_int, check_positive, flag, section
+from experiments.config import POSITIVE, Checked, Rule, algorithm_field, at_least, flag, section, to_flat
 from experiments.sinusoid_plots import plot_fits
 
 
 @dataclass(frozen=True)
-class Tasks:
+class Tasks(Checked):
     """Sine tasks y = A sin(x - phase), A in [0.1, 5], phase in [0, pi], x in [-5, 5]."""
 
-    shots: int = flag(10, "K: support points per task")
-    queries: Optional[int] = flag(None, "query points per task in meta-training (default: same as shots)")
-    meta_batch: int = flag(25, "tasks per meta-iteration")
-
-    def __post_init__(self):
-        check_positive(self, "shots", "queries", "meta_batch")
+    shots: int = flag(10, "K: support points per task", rule=POSITIVE)
+    queries: Optional[int] = flag(None, "query points per task in meta-training (default: same as shots)",
+                                  rule=POSITIVE)
+    meta_batch: int = flag(25, "tasks per meta-iteration", rule=POSITIVE)
 
     def sampler(self, num_tasks: Optional[int] = None) -> SinusoidTasks:
         return SinusoidTasks(num_tasks or self.meta_batch, self.shots, self.queries or self.shots)
 
 
 @dataclass(frozen=True)
-class Model:
+class Model(Checked):
     """The regression network: an MLP 1 -> hidden -> 1 with ReLU."""
 
-    hidden: tuple[int, ...] = flag((40, 40), "hidden layer sizes")
-
-    def __post_init__(self):
-        check_positive(self, "hidden")
+    hidden: tuple[int, ...] = flag((40, 40), "hidden layer sizes", rule=POSITIVE)
 
     def build(self, key: jax.Array) -> maml.nn.MLP:
         return maml.nn.MLP(1, 1, self.hidden, key=key)
 
 
 @dataclass(frozen=True)
-class Training:
+class Training(Checked):
     """Meta-training."""
 
-    iterations: int = flag(70_000, "meta-iterations", resumable=True)
+    iterations: int = flag(70_000, "meta-iterations", rule=POSITIVE, resumable=True)
     seed: int = flag(0, "random seed (model init, tasks)")
-    steps_per_call: int = flag(1000, "meta-iterations per compiled call (lax.scan)")
-    checkpoint_every: int = flag(10_000, "checkpoint period in meta-iterations")
+    steps_per_call: int = flag(1000, "meta-iterations per compiled call (lax.scan)", rule=POSITIVE)
+    checkpoint_every: int = flag(10_000, "checkpoint period in meta-iterations", rule=POSITIVE)
     skip_nonfinite: int = flag(0, "skip meta-steps with a NaN/inf meta-loss or meta-gradient, up to N in a row "
-                                  "(optax.apply_if_finite; counted in results.json); 0: stop the run at the first")
+                                  "(optax.apply_if_finite; counted in results.json); 0: stop the run at the first",
+                               rule=at_least(0))
 
-    def __post_init__(self):
-        check_positive(self, "iterations", "steps_per_call", "checkpoint_every")
-        check_int(self, "skip_nonfinite", 0)
+
+STEP_COUNTS = Rule(lambda v: bool(v) and min(v) >= 0, "non-negative step counts")
 
 
 @dataclass(frozen=True)
-class Evaluation:
+class Evaluation(Checked):
     """Held-out evaluation, the pretrained baseline and curvature diagnostics (none changes training)."""
 
-    eval_tasks: int = flag(1000, "held-out evaluation tasks", resumable=True)
-    eval_points: int = flag(100, "query points per evaluation task", resumable=True)
+    eval_tasks: int = flag(1000, "held-out evaluation tasks", rule=POSITIVE, resumable=True)
+    eval_points: int = flag(100, "query points per evaluation task", rule=POSITIVE, resumable=True)
     eval_steps: tuple[int, ...] = flag((0, 1, 5, 10), "inner steps at which to report the evaluation MSE",
-                                       resumable=True)
-    baseline_iterations: int = flag(10_000, "training steps of the pretrained baseline", resumable=True)
-    baseline_outer_lr: float = flag(1e-3, "Adam learning rate of the pretrained baseline", resumable=True)
-    baseline_lr: float = flag(0.02, "fine-tuning SGD step of the baseline (the paper's best, 0.02)", resumable=True)
+                                       rule=STEP_COUNTS, resumable=True)
+    baseline_iterations: int = flag(10_000, "training steps of the pretrained baseline", rule=POSITIVE,
+                                    resumable=True)
+    baseline_outer_lr: float = flag(1e-3, "Adam learning rate of the pretrained baseline", rule=POSITIVE,
+                                    resumable=True)
+    baseline_lr: float = flag(0.02, "fine-tuning SGD step of the baseline (the paper's best, 0.02)", rule=POSITIVE,
+                              resumable=True)
     curvature_every: int = flag(0, "curvature diagnostics (maml.curvature.task_curvature) every N meta-iterations, "
-                                   "logged; 0: off", resumable=True)
-    curvature_tasks: int = flag(8, "tasks in the fixed batch the curvature diagnostics look at", resumable=True)
-
-    def __post_init__(self):
-        check_positive(self, "eval_tasks", "eval_points", "baseline_iterations", "baseline_outer_lr", "baseline_lr",
-                       "curvature_tasks")
-        check_int(self, "curvature_every", 0, " (0: off)")
-        check(bool(self.eval_steps) and min(self.eval_steps) >= 0, "eval_steps", self.eval_steps,
-              "non-negative step counts")
+                                   "logged; 0: off", rule=at_least(0, " (0: off)"), resumable=True)
+    curvature_tasks: int = flag(8, "tasks in the fixed batch the curvature diagnostics look at", rule=POSITIVE,
+                                resumable=True)
 
 
 @dataclass(frozen=True)
-class SinusoidConfig:
+class SinusoidConfig(session.ExperimentConfig):
     """MAML sinusoid regression (Finn et al. 2017); defaults are the paper's setup."""
 
     experiment: ClassVar[str] = "sinusoid"
     tasks: Tasks = section(Tasks)
     model: Model = section(Model)
-    algorithm: A.AlgorithmConfig = cli.algorithm_field()
+    algorithm: A.AlgorithmConfig = algorithm_field()
     training: Training = section(Training)
     evaluation: Evaluation = section(Evaluation)
-    runtime: runtime.RuntimeConfig = section(runtime.RuntimeConfig)
-    tracking: tracking.TrackingConfig = section(tracking.TrackingConfig)
     out: str = flag("runs/sinusoid", "output folder (results.json, fits.png, checkpoints/)", resumable=True)
-    progress: bool = flag(True, "show a progress bar", resumable=True)
 
 
 CONFIG = SinusoidConfig
@@ -204,7 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         results = {"mse": mse, "mse_ci95": mse_ci, "baseline_mse": base_mse, "baseline_mse_ci95": base_ci,
                    "train_seconds": train_seconds, "meta_iterations": it,
                    "skipped_steps": maml.skipped_steps(state.opt_state), "params_sha256": maml.params_sha256(state.model),
-                   "config": cli.to_flat(config), "devices": [str(d) for d in jax.devices()]}
+                   "config": to_flat(config), "devices": [str(d) for d in jax.devices()]}
         run.finish(results, images=[run.out / "fits.png"], show=("mse", "baseline_mse", "train_seconds", "params_sha256"))
         return results
 

@@ -2,9 +2,9 @@
 
 Wiring an experiment (see experiments/sinusoid.py and experiments/session.py):
 
-    tracking: tracking.TrackingConfig = cli.section(tracking.TrackingConfig)   # the --wandb* flags
-    config = tracking.prepare(cli.parse(MyConfig, argv, ALGORITHMS))        # checks them; per-trial OUT in sweeps
-    logger = tracking.start(config.tracking, cli.to_flat(config), out, job="my_experiment")   # config logged
+    tracking: tracking.TrackingConfig = section(tracking.TrackingConfig)     # the --wandb* flags
+    config = tracking.prepare(cli.parse(MyConfig, argv, algorithms))        # checks them; per-trial OUT in sweeps
+    logger = tracking.start(config.tracking, to_flat(config), out, job="my_experiment")   # config logged
     maml.fit(..., hooks=[logger.hook(every=N)])                             # training curve (train/meta_loss)
     logger.log_scalars(step, {"val/accuracy": acc})                          # anything else, e.g. validation
     tracking.finish(logger, results, images=[out / "fits.png"])             # test metrics, plots, summary
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TypeVar
 from urllib.parse import urlparse
 
-from experiments import cli
+from experiments.config import flag
 from maml import AbstractLogger, ConsoleLogger, MultiLogger, WandbLogger, atomic_write_bytes
 from maml.training.loggers import MODES, flatten
 
@@ -38,7 +38,7 @@ C = TypeVar("C")
 
 
 def _f(default, help):  # none of these changes the computation: resumable
-    return cli.flag(default, help, resumable=True)
+    return flag(default, help, resumable=True)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from experiments import cli, tracking
+from experiments import config as config_tree
 from launch.offline_runs import find_offline_runs, read_offline_run
 from maml.training.loggers import flatten
 
@@ -123,7 +124,7 @@ def check_parameters(config: dict, module: Any, path: str) -> None:
     from wandb.sdk.launch.sweeps import utils
 
     cls, algorithms = module.CONFIG, getattr(module, "algorithms", None)
-    fields = cli.all_leaves(cls, algorithms)
+    fields = config_tree.all_leaves(cls, algorithms)
     command = [str(c) for c in config.get("command") or []]
     literal = [c for c in map(str, utils.create_sweep_command(list(command))) if c.startswith("--")]
     for name, spec in (config.get("parameters") or {}).items():
@@ -147,12 +148,12 @@ def check_parameters(config: dict, module: Any, path: str) -> None:
             if isinstance(value, (list, dict)):
                 raise ValueError(f"{path}: parameter {name!r} value {value!r}: wandb passes it as "
                                  f"--{name}={value}; write tuples as a string, e.g. '40,40'")
-            argv = ([cli.flag_of(field)] if value else []) if fields[field].type is bool else \
-                [f"{cli.flag_of(field)}={value}"]
+            argv = ([config_tree.flag_of(field)] if value else []) if fields[field].type is bool else \
+                [f"{config_tree.flag_of(field)}={value}"]
             try:
                 cli.parse(cls, literal + argv, algorithms)
-            except cli.FlagError as e:
-                if e.flag == cli.flag_of(field):
+            except config_tree.FlagError as e:
+                if e.flag == config_tree.flag_of(field):
                     raise ValueError(f"{path}: parameter {name!r} value {value!r}: {e}") from None
 
 

@@ -1,15 +1,15 @@
 """Data parallelism over devices (and, through `jax.distributed`, over hosts): the task batch is split,
 the meta-gradient is all-reduced (`lax.pmean`), every device applies the same outer update.
 
-Two forms with the call shape of the single-device sampling step, `step(state, sampler) -> (state,
-metrics)`, so `maml.fit` drives either unchanged (it jits a `lax.scan` of steps around them):
+`train_step(optimizer, inner, ..., over=...)` has the call shape of the single-device sampling step,
+`step(state, sampler) -> (state, metrics)`, so `maml.fit` drives it unchanged (it jits a `lax.scan` of
+steps around it). How the devices are mapped is a value:
 
-- `pmap_train_step`: `jax.pmap` over the devices (state and sampler broadcast, the device's position
-  mapped), as the design card asks;
-- `sharded_train_step`: `jax.shard_map` over a one-axis `Mesh` under the caller's `jit`, the modern form;
-  it is the one to use across processes (`jax.distributed`).
+- `ShardMap()` (default): `jax.shard_map` over a one-axis `Mesh` under the caller's `jit`, the modern form;
+  the one to use across processes (`jax.distributed`);
+- `Pmap()`: `jax.pmap` over the devices (state and sampler broadcast, the device's position mapped).
 
-Both take `num_devices` (default: every device, of every process). State and metrics stay replicated:
+It takes `num_devices` (default: every device, of every process). State and metrics stay replicated:
 the caller passes and gets back one (unstacked) `MetaTrainState`.
 
 **Sampler protocol.** The sampler is a pytree (e.g. an `eqx.Module`) with
@@ -21,12 +21,13 @@ Device d of D draws tasks `d*B/D .. (d+1)*B/D - 1` from the same key as the sing
 parallel steps see exactly the single-device batch and agree with it up to float32 round-off (the
 order of the mean's sums differs). `data.sinusoid.SinusoidTasks` follows the protocol.
 
-Device choice happens in `select_devices` only; the parallel steps call it once, when they are made.
+Device choice happens in `select_devices` only; `train_step` calls it once, when the step is made.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import abc
+from typing import Callable, Optional, Sequence
 
 import equinox as eqx
 import jax
@@ -154,10 +155,54 @@ def _device_step(step, num_devices: int):
     return run
 
 
-def _data_parallel(optimizer, inner, strategy, batching, num_devices, map_devices) -> SampledStep:
-    """The data-parallel sampling step; `map_devices(per_device, devices)` maps
-    `per_device(dynamic state and sampler, position int32 scalar)` over the device positions `[D]`,
-    broadcasting the first argument and returning it unstacked."""
+class AbstractDeviceMap(eqx.Module):
+    """How the per-device step is mapped over the devices: a value passed to `train_step`."""
+
+    @abc.abstractmethod
+    def __call__(self, per_device: Callable, devices: Sequence[jax.Device]) -> Callable:
+        """`per_device(dynamic, position int32 scalar)` mapped over the positions `[D]`, the first argument
+        broadcast and the result returned unstacked."""
+
+
+class ShardMap(AbstractDeviceMap):
+    """`jax.shard_map` over a one-axis `Mesh` under the caller's `jit`: state, sampler and metrics replicated
+    (`PartitionSpec()`), the device positions split (`PartitionSpec("devices")`). Works across processes."""
+
+    def __call__(self, per_device, devices):
+        replicated, split = PartitionSpec(), PartitionSpec(AXIS)
+        return jax.shard_map(lambda dynamic, position: per_device(dynamic, position[0]), mesh=Mesh(devices, (AXIS,)),
+                             in_specs=(replicated, split), out_specs=replicated)
+
+
+class Pmap(AbstractDeviceMap):
+    """`jax.pmap`: state and sampler broadcast (`in_axes=None`), the device position mapped, the results
+    unstacked (`out_axes=None`). One process only (under `jit`, multi-process pmap would take traced inputs
+    for host-local shards): across processes use `ShardMap`."""
+
+    def __call__(self, per_device, devices):
+        if jax.process_count() > 1:
+            raise ValueError(f"Pmap: {jax.process_count()} processes; use ShardMap() across processes")
+        return jax.pmap(per_device, AXIS, in_axes=(None, 0), out_axes=None, devices=devices)
+
+
+def train_step(
+    optimizer: optax.GradientTransformation,
+    inner: InnerLoop,
+    *,
+    strategy: AbstractStrategy = SecondOrder(),
+    batching: AbstractBatching = Vmap(),
+    num_devices: Optional[int] = None,
+    over: AbstractDeviceMap = ShardMap(),
+) -> SampledStep:
+    """Data-parallel `step(state, sampler) -> (state, metrics)` over `num_devices` devices (all devices of
+    all processes by default), mapped as `over` says (`ShardMap()` or `Pmap()`).
+
+    Each device draws its slice of the batch (the sampler protocol above) and maps its tasks with
+    `batching`; the meta-gradient is `pmean`ed and every device applies the same update. State and metrics
+    come back unstacked and replicated. Jittable and scannable: `maml.fit` jits chunks of it.
+    """
+    if not isinstance(over, AbstractDeviceMap):
+        raise ValueError(f"train_step: over={over!r}; expected maml.parallel.ShardMap() or maml.parallel.Pmap()")
     devices = select_devices(num_devices)
     n = len(devices)
     device_step = _device_step(make_train_step(optimizer, inner, strategy=strategy, batching=AllReduce(batching)), n)
@@ -173,51 +218,7 @@ def _data_parallel(optimizer, inner, strategy, batching, num_devices, map_device
             out_static.append(s)
             return out_dynamic, metrics
 
-        out_dynamic, metrics = map_devices(per_device, devices)(dynamic, jnp.arange(n, dtype=jnp.int32))
+        out_dynamic, metrics = over(per_device, devices)(dynamic, jnp.arange(n, dtype=jnp.int32))
         return eqx.combine(out_dynamic, out_static[-1]), metrics
 
     return step
-
-
-def pmap_train_step(
-    optimizer: optax.GradientTransformation,
-    inner: InnerLoop,
-    *,
-    strategy: AbstractStrategy = SecondOrder(),
-    batching: AbstractBatching = Vmap(),
-    num_devices: Optional[int] = None,
-) -> SampledStep:
-    """Data-parallel `step(state, sampler) -> (state, metrics)` with `jax.pmap` over `num_devices` devices.
-
-    State and sampler are broadcast (`in_axes=None`), the device position `[D]` is mapped, the meta-gradient
-    is `pmean`ed, and state and metrics come back unstacked (`out_axes=None`). Jittable and scannable
-    (`maml.fit` jits chunks of it). One process only (under `jit`, multi-process pmap would take traced
-    inputs for host-local shards): across processes use `sharded_train_step`.
-    """
-    if jax.process_count() > 1:
-        raise ValueError(f"pmap_train_step: {jax.process_count()} processes; use sharded_train_step across processes")
-    pmapped = lambda per_device, devices: jax.pmap(per_device, AXIS, in_axes=(None, 0), out_axes=None, devices=devices)
-    return _data_parallel(optimizer, inner, strategy, batching, num_devices, pmapped)
-
-
-def sharded_train_step(
-    optimizer: optax.GradientTransformation,
-    inner: InnerLoop,
-    *,
-    strategy: AbstractStrategy = SecondOrder(),
-    batching: AbstractBatching = Vmap(),
-    num_devices: Optional[int] = None,
-) -> SampledStep:
-    """Data-parallel `step(state, sampler) -> (state, metrics)`: `jax.shard_map` over a one-axis `Mesh`
-    of `num_devices` devices (all processes' devices by default), for the caller to `jit`.
-
-    State, sampler and metrics are replicated (`PartitionSpec()`); the device positions `[D]` are split
-    (`PartitionSpec("devices")`), so each device samples its own slice of the batch.
-    """
-
-    def sharded(per_device, devices):
-        replicated, split = PartitionSpec(), PartitionSpec(AXIS)
-        return jax.shard_map(lambda dynamic, position: per_device(dynamic, position[0]), mesh=Mesh(devices, (AXIS,)),
-                             in_specs=(replicated, split), out_specs=replicated)
-
-    return _data_parallel(optimizer, inner, strategy, batching, num_devices, sharded)

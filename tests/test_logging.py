@@ -47,31 +47,31 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from experiments import cli, tracking
+from experiments import cli, config, tracking
 
 
 @dataclass(frozen=True)
 class ToyConfig:
-    lr: float = cli.flag(0.1, "learning rate")
-    steps: int = cli.flag(3, "steps")
-    sleep: float = cli.flag(0.0, "seconds per step")
-    out: str = cli.flag("runs/toy", "output folder")
-    tracking: tracking.TrackingConfig = cli.section(tracking.TrackingConfig)
+    lr: float = config.flag(0.1, "learning rate")
+    steps: int = config.flag(3, "steps")
+    sleep: float = config.flag(0.0, "seconds per step")
+    out: str = config.flag("runs/toy", "output folder")
+    tracking: tracking.TrackingConfig = config.section(tracking.TrackingConfig)
 
 
 CONFIG = ToyConfig
 
 
 def main(argv=None):
-    config = tracking.prepare(cli.parse(ToyConfig, argv))
-    out = cli.prepare_out(config.out, config)
-    logger = tracking.start(config.tracking, cli.to_flat(config), out, job="toy")
-    if config.lr > 0.5:
+    toy = tracking.prepare(cli.parse(ToyConfig, argv))
+    out = cli.prepare_out(toy.out, toy)
+    logger = tracking.start(toy.tracking, config.to_flat(toy), out, job="toy")
+    if toy.lr > 0.5:
         raise RuntimeError("toy crash")
-    for step in range(1, config.steps + 1):
-        logger.log_scalars(step, {"loss": 10 * (config.lr - 0.3) ** 2 + 1.0 / step})
-        time.sleep(config.sleep)
-    results = {"loss": 10 * (config.lr - 0.3) ** 2 + 1.0 / config.steps, "meta_iterations": config.steps}
+    for step in range(1, toy.steps + 1):
+        logger.log_scalars(step, {"loss": 10 * (toy.lr - 0.3) ** 2 + 1.0 / step})
+        time.sleep(toy.sleep)
+    results = {"loss": 10 * (toy.lr - 0.3) ** 2 + 1.0 / toy.steps, "meta_iterations": toy.steps}
     (out / "results.json").write_text(json.dumps(results))
     tracking.finish(logger, results)
 

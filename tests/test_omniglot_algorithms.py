@@ -8,7 +8,6 @@ import jax
 import numpy as np
 import pytest
 
-import maml
 from experiments import algorithms, cli, evaluation, lake_oneshot, omniglot
 from test_omniglot_experiment import (MINI, data_args, final_params, lake_dir, omniglot_dir,  # noqa: F401 (fixtures)
                                       xla_cache)

@@ -70,8 +70,8 @@ def worker_devices(out: Path) -> None:
     sampler = SinusoidTasks(BATCH, SHOTS, SHOTS)
     runs = {"single": maml.with_task_sampler(maml.make_train_step(optimizer, inner))}
     for n in (1, 2, 4):
-        runs[f"pmap{n}"] = maml.parallel.pmap_train_step(optimizer, inner, num_devices=n)
-    runs["sharded4"] = maml.parallel.sharded_train_step(optimizer, inner, num_devices=4)
+        runs[f"pmap{n}"] = maml.parallel.train_step(optimizer, inner, num_devices=n, over=maml.parallel.Pmap())
+    runs["sharded4"] = maml.parallel.train_step(optimizer, inner, num_devices=4)
     for name, step in runs.items():
         start = time.perf_counter()
         np.savez(out / f"{name}.npz", **_fit(step, state, sampler))
@@ -80,8 +80,8 @@ def worker_devices(out: Path) -> None:
     errors = {
         "pmap_batch": _error(lambda: _fit(runs["pmap4"], state, odd)),
         "sharded_batch": _error(lambda: _fit(runs["sharded4"], state, odd)),
-        "too_many": _error(lambda: maml.parallel.sharded_train_step(optimizer, inner, num_devices=5)),
-        "pmap_too_many": _error(lambda: maml.parallel.pmap_train_step(optimizer, inner, num_devices=8)),
+        "too_many": _error(lambda: maml.parallel.train_step(optimizer, inner, num_devices=5)),
+        "pmap_too_many": _error(lambda: maml.parallel.train_step(optimizer, inner, num_devices=8, over=maml.parallel.Pmap())),
     }
     (out / "errors.json").write_text(json.dumps(errors))
 
@@ -98,7 +98,7 @@ def worker_distributed(out: Path, argv: list[str]) -> None:
     from data.sinusoid import SinusoidTasks
 
     optimizer, inner, state = _problem()
-    step = maml.parallel.sharded_train_step(optimizer, inner)  # all devices of all processes
+    step = maml.parallel.train_step(optimizer, inner)  # all devices of all processes
     result = _fit(step, state, SinusoidTasks(BATCH, SHOTS, SHOTS))
     np.savez(out / f"process{jax.process_index()}.npz", **result)
     print(f"process {jax.process_index()} of {jax.process_count()}: {jax.device_count()} devices, done", flush=True)

@@ -72,9 +72,9 @@ def test_resume_with_another_config_is_one_line(tmp_path):
 def test_help_lists_every_config_field_grouped():
     result = cli("--help")
     assert result.returncode == 0
-    from experiments import cli as cli_module
+    from experiments import config
 
-    flags = cli_module.all_leaves(sinusoid.SinusoidConfig, sinusoid.algorithms)
+    flags = config.all_leaves(sinusoid.SinusoidConfig, sinusoid.algorithms)
     assert len(flags) > 40
     for leaf in flags.values():
         assert leaf.flag in result.stdout
