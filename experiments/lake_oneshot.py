@@ -50,7 +50,7 @@ class LakeOneShotConfig(Checked):
     head: str = flag("auto", "classifier head: trained (needs a 20-way checkpoint), zero, or auto (trained if 20-way)",
                      rule=one_of(HEADS))
     inner_steps: Optional[int] = flag(None, "inner SGD steps on each run's training images (default: the run's "
-                                      "eval_steps)", rule=POSITIVE)
+                                      "algorithm's evaluation steps)", rule=POSITIVE)
     inner_lr: Optional[float] = flag(None, "inner SGD learning rate (default: the run's inner_lr)", rule=POSITIVE)
     out: str = flag("runs/lake_oneshot", "output folder (results.json)")
 
@@ -120,10 +120,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                       "run: its inner rates are meta-learned; drop the flag")
     model, head = with_head(run.state.model, lake.train_images.shape[1], config.head)
     out = cli.prepare_out(config.out, config)
-    inner = run.algo.inner.with_steps(config.inner_steps or run.config.evaluation.eval_steps)
+    inner = run.algo.inner.with_steps(config.inner_steps or run.config.algorithm.eval_steps[-1])
     if config.inner_lr is not None:
         inner = dataclasses.replace(inner, lr=config.inner_lr)
-    wrong = np.stack([np.asarray(predict(model, inner, run.algo.strategy, _as_input(tr), _as_input(te))) != labels
+    wrong = np.stack([np.asarray(predict(model, inner, run.algo.evaluation, _as_input(tr), _as_input(te))) != labels
                       for tr, te, labels in zip(lake.train_images, lake.test_images, lake.test_labels)])
     results = {
         "error_rate": float(wrong.mean()),

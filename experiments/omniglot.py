@@ -1,39 +1,28 @@
-"""Omniglot N-way K-shot classification with MAML and Conv4 (Finn et al. 2017, section 5.2).
+"""Omniglot N-way K-shot classification with the MAML family and Conv4 (Finn et al. 2017, section 5.2).
 
-    python -m experiments.omniglot --data-dir DIR --ways 5 --shots 1 [--iterations 60000] [--out runs/omniglot]
+    python -m experiments.omniglot --data-dir DIR --ways 5 --shots 1 [--algorithm maml] [--out runs/omniglot]
 
-Defaults are the paper's: Conv4 with 64 filters, meta-batch 32, 15 query images per class, Adam 1e-3,
-second-order MAML, 90-degree rotations as new classes; 5-way: 1 inner SGD step of 0.4 in training and 3
-at test; 20-way: 5 steps of 0.1 in training and at test (`--inner-steps`, `--inner-lr`, `--eval-steps`
-override them; fewer than 20 ways count as 5-way). Batch norm uses each batch's own statistics, also at
-test time (transductive over the query set, as MAML does).
+Defaults are the MAML paper's: Conv4 with 64 filters and batch norm with each batch's own statistics (also at
+test time, transductive over the query set, as MAML does), meta-batch 32, 15 queries per class, Adam 1e-3,
+90-degree rotations as new classes; every `--algorithm` has its own paper's inner loop and evaluation steps
+(experiments/algorithms.py; MAML: 5-way 1 step of 0.4 and 3 at test, 20-way 5 steps of 0.1).
 
-Splits are by alphabet. With the full data the meta-test alphabets are the evaluation set; with only the
-two minimal background zips, `data.omniglot.MINIMAL_TEST_ALPHABETS` (Korean, Tagalog: 57 of 242
-characters) unless `--test-alphabets` names others. Test alphabets are touched once, by the final
-evaluation (`--eval-tasks`, at least 600 by default) that writes OUT/results.json (`test_accuracy`, its
-95% CI, `test_tasks`, `params_sha256`). Validation every `--val-every` meta-iterations reports query
-accuracy after adaptation on `--val-tasks` fixed tasks from `--val-alphabets` (meta-train alphabets held
-out of training), or by default from fresh meta-train tasks (it then tracks learning, not transfer); it is
-for monitoring only: nothing is selected or stopped on it. Log: OUT/validation.jsonl.
-
-Checkpoints (atomic) go to OUT/checkpoints at each validation; re-running the same command resumes, and a
-resumed run ends with the same parameters as an uninterrupted one. `--max-minutes` stops training at the
-first validation past the budget; results.json then records the iterations reached, and `--iterations N`
-with that N reproduces the run exactly. Expected (paper, full background set, 60,000 iterations): 98.7%
-5-way 1-shot. On 2 CPU cores see benchmarks/RESULTS.md.
-
-`--algorithm` picks another member of the family (experiments/algorithms.py; validation and test adapt as
-the algorithm does), `--devices` / `--coordinator` / ... the devices and processes (experiments/runtime.py:
-the task batch split across devices, `--meta-batch` a multiple of them; only process 0 writes), `--wandb`
-the tracking (config, `train/meta_loss`, `val/accuracy` and `val/ci95` at each validation, test metrics).
+Splits are by alphabet: the evaluation set's alphabets are meta-test, or with only the two minimal background
+zips `data.omniglot.MINIMAL_TEST_ALPHABETS` (Korean, Tagalog), or `--test-alphabets`. They are touched once,
+by the final evaluation (`--eval-tasks`, 600 by default) that writes OUT/results.json (`test_accuracy` with
+its 95% CI over the tasks whose adaptation did not diverge, the diverged count, `params_sha256`). Validation
+every `--val-every` meta-iterations (on `--val-alphabets`, or fresh meta-train tasks) is monitoring only;
+log: OUT/validation.jsonl. Checkpoints go to OUT/checkpoints at each validation; re-running the same command
+resumes to the same parameters as an uninterrupted run. `--max-minutes` stops at the first validation past
+the budget (results.json records the iterations reached; `--iterations N` reproduces the run). Devices and
+processes: experiments/runtime.py; tracking: experiments/tracking.py. Expected (paper, full background set,
+60,000 iterations): 98.7% 5-way 1-shot; on 2 CPU cores see benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,8 +105,6 @@ class Training(Checked):
 class Evaluation(Checked):
     """The final evaluation on the meta-test alphabets (and the adaptation at validation)."""
 
-    eval_steps: Optional[int] = flag(None, "inner steps at validation and test (default: 3 for 5-way, 5 for 20-way)",
-                                     rule=at_least(1), resumable=True)
     eval_tasks: int = flag(600, "held-out test tasks of the final evaluation", rule=POSITIVE, resumable=True)
 
 
@@ -133,21 +120,37 @@ class OmniglotConfig(session.ExperimentConfig):
     evaluation: Evaluation = section(Evaluation)
     out: str = flag("runs/omniglot", "output folder (results.json, validation.jsonl, checkpoints/)", resumable=True)
 
-    def __post_init__(self):
-        if self.evaluation.eval_steps is None:  # resolved, so that config.json records the value used
-            steps = 5 if self.data.ways >= 20 else 3
-            object.__setattr__(self, "evaluation", dataclasses.replace(self.evaluation, eval_steps=steps))
-
 
 CONFIG = OmniglotConfig
 
 
 def algorithms(flags) -> dict[str, A.AlgorithmConfig]:
-    """The family on Omniglot, with the MAML paper's inner loop: 5-way 1 step of 0.4, 20-way 5 of 0.1."""
-    twenty = flags["ways"] >= 20  # fewer ways use the paper's 5-way settings
-    inner = dict(inner_steps=5, inner_lr=0.1) if twenty else dict(inner_steps=1, inner_lr=0.4)
-    return A.registry(A.MAML(**inner), A.FOMAML(**inner), A.ANIL(**inner), A.MetaSGD(**inner),
-                      A.MAMLPlusPlus(**inner), A.Reptile(**inner), A.IMAML(**inner))
+    """The family on Omniglot, each with its paper's (or released code's) Omniglot settings for 5-way, or
+    20-way from 20 ways on (see README, "Algorithms"; the meta-batch is the experiment's, the same for all)."""
+    twenty = flags["ways"] >= 20
+    # Finn et al. 2017, sec. 5.2: 5-way 1 step of 0.4, 3 at test; 20-way 5 steps of 0.1, 5 at test.
+    maml_inner = dict(inner_steps=5, inner_lr=0.1, eval_steps=(5,)) if twenty else \
+        dict(inner_steps=1, inner_lr=0.4, eval_steps=(3,))
+    return A.registry(
+        A.MAML(**maml_inner),
+        A.FOMAML(**maml_inner),
+        A.ANIL(**maml_inner),  # Raghu et al. 2020 keep MAML's settings
+        # Li et al. 2017: one step, rates uniform in [0.005, 0.1]; evaluated at the trained step count
+        A.MetaSGD(inner_steps=1, eval_steps=(1,)),
+        # the MAML++ release (experiment_config/omniglot_maml++*): 5 steps, LSLR from 0.1, per-step batch norm,
+        # MSL over 10 (20-way: 20) epochs of 500 iterations, cosine over 100 (250) epochs, second order throughout
+        A.MAMLPlusPlus(inner_steps=5, inner_lr=0.1, per_step_bn=True, msl_iterations=10_000 if twenty else 5000,
+                       cosine_iterations=125_000 if twenty else 50_000, eval_steps=(5,)),
+        # Nichol et al. 2018 (supervised-reptile README, 1-shot 5/20-way): 12 inner iterations, outer step 1
+        # annealed to 0 over 200,000 iterations, evaluation after 86 (20-way: 97) iterations; their inner Adam
+        # (lr 0.00044, minibatches of 12 training shots) is SGD on the support set here
+        A.Reptile(inner_steps=12, inner_lr=0.1, step_size=1.0, anneal_iterations=200_000,
+                  eval_steps=(97,) if twenty else (86,)),
+        # Rajeswaran et al. 2019 (imaml_dev examples): 16 inner steps of 0.1 (25 for 20-way), lambda 2, 5 CG steps;
+        # accuracy measured after the same steps of plain SGD (lambda 0)
+        A.IMAML(inner_steps=25 if twenty else 16, inner_lr=0.1, lambda_=2.0, cg_steps=5,
+                eval_steps=(25,) if twenty else (16,)),
+    )
 
 
 class Setup(NamedTuple):
@@ -161,7 +164,7 @@ class Setup(NamedTuple):
 def setup(config: OmniglotConfig) -> Setup:
     init_key, train_key, eval_key = jax.random.split(jax.random.PRNGKey(config.training.seed), 3)
     model = config.model.build(config.data.ways, init_key)
-    algo = config.algorithm.build(model, maml.nn.cross_entropy, iterations=config.training.iterations)
+    algo = config.algorithm.build(model, maml.nn.cross_entropy, key=jax.random.fold_in(init_key, 1))
     algo = A.with_skipping(algo, config.training.skip_nonfinite)
     return Setup(algo, maml.init_state(algo.model, algo.optimizer, train_key), eval_key)
 
@@ -203,24 +206,28 @@ def load_splits(data: Data) -> Splits:
 
 def validation_hook(run: session.Session, config: OmniglotConfig, images: np.ndarray, algo: A.Algorithm,
                     key: jax.Array, clock: session.Clock) -> maml.Hook:
-    """Every `--val-every` steps (and at the end): query accuracy on `--val-tasks` fixed tasks, to
-    validation.jsonl, the console and the logger. Monitoring only: nothing is selected on it."""
-    inner = algo.inner.with_steps(config.evaluation.eval_steps)
+    """Every `--val-every` steps (and at the end): query accuracy on `--val-tasks` fixed tasks after the
+    algorithm's main number of evaluation steps, to validation.jsonl, the console and the logger, diverged
+    tasks counted apart. Monitoring only: nothing is selected on it."""
+    steps = config.algorithm.eval_steps[-1:]
 
     def validate(info: maml.StepInfo) -> None:
         start = time.perf_counter()
         model = maml.parallel.to_local(info.state.model)
-        acc, ci = evaluation.mean_ci95(evaluation.task_accuracies(
-            model, images, config.data.episodes, key, config.training.val_tasks, inner, algo.strategy))
+        res = evaluation.evaluate_episodes(model, images, config.data.episodes, key, config.training.val_tasks,
+                                           algo.inner, algo.evaluation, steps)
+        val = evaluation.summarise(res.metric, res.bad, steps)[str(steps[0])]
         losses = np.ravel(info.metrics.get("meta_loss", []))
-        entry = {"step": info.step, "val_accuracy": acc, "val_accuracy_ci95": ci,
-                 "train_loss": float(np.mean(losses)) if losses.size else None,
+        entry = {"step": info.step, "val_accuracy": val["mean"], "val_accuracy_ci95": val["ci95"],
+                 "val_diverged": val["diverged"], "train_loss": float(np.mean(losses)) if losses.size else None,
                  "seconds": time.perf_counter() - clock.start}
         with open(run.out / "validation.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
         if config.progress:
-            tqdm.write(f"step {info.step}: validation accuracy {acc:.3f} ± {ci:.3f}")
-        run.log(info.step, {k: v for k, v in {"val/accuracy": acc, "val/ci95": ci}.items() if math.isfinite(v)})
+            tqdm.write(f"step {info.step}: validation accuracy {val['mean']} ± {val['ci95']}"
+                       + (f", {val['diverged']} tasks diverged" if val["diverged"] else ""))
+        run.log(info.step, {k: v for k, v in {"val/accuracy": val["mean"], "val/ci95": val["ci95"],
+                                              "val/diverged": val["diverged"]}.items() if v is not None})
         clock.validation += time.perf_counter() - start
 
     return maml.Hook(validate, config.training.val_every)
@@ -237,12 +244,28 @@ def train(run: session.Session, config: OmniglotConfig, state: maml.MetaTrainSta
     return result._replace(state=maml.parallel.to_local(result.state))  # replicated -> this process's copy
 
 
-def summary(config: OmniglotConfig, splits: Splits, result: maml.FitResult, accs: np.ndarray, clock: session.Clock) -> dict:
-    acc, ci = evaluation.mean_ci95(accs)
+def test(config: OmniglotConfig, splits: Splits, algo: A.Algorithm, model, key: jax.Array) -> dict:
+    """The final evaluation on the meta-test alphabets at each of the algorithm's evaluation step counts: the
+    main figure is the last one's, each a mean over the tasks whose adaptation did not diverge."""
+    ev, steps = config.evaluation, config.algorithm.eval_steps
+    res = evaluation.evaluate_episodes(model, splits.test, config.data.episodes, key, ev.eval_tasks, algo.inner,
+                                       algo.evaluation, steps)
+    by_steps = evaluation.summarise(res.metric, res.bad, steps)
+    main = by_steps[str(steps[-1])]
+    extra, notes = evaluation.divergences(
+        "test", config.algorithm, model, algo.inner, res,
+        lambda idx: evaluation.episodes_at(splits.test, config.data.episodes, key, ev.eval_tasks, idx), key)
+    for line in notes:
+        print(line, file=sys.stderr)
+    return {"test_accuracy": main["mean"], "test_accuracy_ci95": main["ci95"], "test_tasks": int(res.metric.shape[0]),
+            "test_diverged_tasks": main["diverged"], "test_diverged_fraction": main["diverged_fraction"],
+            "test_steps": steps[-1], "test_by_steps": by_steps, **extra, "notes": notes}
+
+
+def summary(config: OmniglotConfig, splits: Splits, result: maml.FitResult, tested: dict, clock: session.Clock) -> dict:
     state = result.state
     return {
-        "test_accuracy": acc, "test_accuracy_ci95": ci, "test_tasks": int(len(accs)),
-        "params_sha256": maml.params_sha256(state.model), "meta_iterations": int(state.step),
+        **tested, "params_sha256": maml.params_sha256(state.model), "meta_iterations": int(state.step),
         "skipped_steps": maml.skipped_steps(state.opt_state), "stopped_by": result.stopped_by,
         "train_seconds_this_run": clock.training(), "validation_seconds_this_run": clock.validation,
         "test_alphabets": list(splits.test_alphabets),
@@ -270,10 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             hooks = run.hooks(min(tr.steps_per_call, tr.val_every)) + \
                 [validation_hook(run, config, val_images, algo, val_key, clock)] + hooks
         result = train(run, config, state, step, sampler, hooks)
-        inner = algo.inner.with_steps(config.evaluation.eval_steps)  # adapts as the algorithm does
-        accs = evaluation.task_accuracies(result.state.model, splits.test, config.data.episodes, test_key,
-                                          config.evaluation.eval_tasks, inner, algo.strategy)
-        results = summary(config, splits, result, accs, clock)
+        results = summary(config, splits, result, test(config, splits, algo, result.state.model, test_key), clock)
         run.finish(results, show=("test_accuracy", "test_accuracy_ci95", "test_tasks", "meta_iterations",
                                   "params_sha256"))
         return results

@@ -12,20 +12,21 @@ Expected with --shots 5: MSE below the paper's 0.67 / 0.38 / 0.35 after 1 / 5 / 
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple, Optional, Sequence
 
 import equinox as eqx
 import jax
-import numpy as np
 import optax
 
 import maml
 from data.sinusoid import SinusoidTasks, sample_tasks
 from experiments import algorithms as A
+from experiments import evaluation as ev
 from experiments import cli, runtime, session, tracking
-from experiments.config import POSITIVE, Checked, Rule, algorithm_field, at_least, flag, section, to_flat
+from experiments.config import POSITIVE, Checked, algorithm_field, at_least, flag, section, to_flat
 from experiments.sinusoid_plots import plot_fits
 
 
@@ -65,17 +66,12 @@ class Training(Checked):
                                rule=at_least(0))
 
 
-STEP_COUNTS = Rule(lambda v: bool(v) and min(v) >= 0, "non-negative step counts")
-
-
 @dataclass(frozen=True)
 class Evaluation(Checked):
     """Held-out evaluation, the pretrained baseline and curvature diagnostics (none changes training)."""
 
     eval_tasks: int = flag(1000, "held-out evaluation tasks", rule=POSITIVE, resumable=True)
     eval_points: int = flag(100, "query points per evaluation task", rule=POSITIVE, resumable=True)
-    eval_steps: tuple[int, ...] = flag((0, 1, 5, 10), "inner steps at which to report the evaluation MSE",
-                                       rule=STEP_COUNTS, resumable=True)
     baseline_iterations: int = flag(10_000, "training steps of the pretrained baseline", rule=POSITIVE,
                                     resumable=True)
     baseline_outer_lr: float = flag(1e-3, "Adam learning rate of the pretrained baseline", rule=POSITIVE,
@@ -105,8 +101,21 @@ CONFIG = SinusoidConfig
 
 
 def algorithms(flags) -> dict[str, A.AlgorithmConfig]:
-    """The family on sinusoid regression (today: every algorithm with MAML's inner settings)."""
-    return A.registry(A.MAML(), A.FOMAML(), A.ANIL(), A.MetaSGD(), A.MAMLPlusPlus(), A.Reptile(), A.IMAML())
+    """The family on sinusoid regression, each with its paper's settings where the paper has a sinusoid
+    experiment (MAML, Meta-SGD, Reptile's sine demo), else its paper's other settings with MAML's sinusoid
+    inner rate (see README, "Algorithms")."""
+    maml_steps = (0, 1, 5, 10)  # Finn et al. 2017, Fig. 2: the MSE after 1 and 10 steps (and 5)
+    return A.registry(
+        A.MAML(inner_steps=1, inner_lr=0.01, eval_steps=maml_steps),
+        A.FOMAML(inner_steps=1, inner_lr=0.01, eval_steps=maml_steps),
+        A.ANIL(inner_steps=1, inner_lr=0.01, eval_steps=maml_steps),
+        A.MetaSGD(inner_steps=1, eval_steps=(0, 1)),  # Li et al. 2017, sec. 4.1: one step, rates from [0.005, 0.1]
+        A.MAMLPlusPlus(inner_steps=5, inner_lr=0.01, msl_iterations=5000, cosine_iterations=70_000, eval_steps=(0, 5)),
+        A.Reptile(inner_steps=5, inner_lr=0.02, step_size=0.1, anneal_iterations=30_000, eval_steps=(0, 32)),
+        # iMAML-HF (Rajeswaran et al. 2019, its Omniglot table): 5 Newton-CG steps on the proximal problem, lambda 100 so
+        # that its step in flat directions is MAML's rate (1 / lambda = 0.01); iMAML-GD is unstable here (README)
+        A.IMAML(solver="hf", inner_steps=5, inner_lr=1.0, lambda_=100.0, cg_steps=5, eval_steps=(0, 5)),
+    )
 
 
 class Setup(NamedTuple):
@@ -124,7 +133,7 @@ class Setup(NamedTuple):
 def setup(config: SinusoidConfig) -> Setup:
     init_key, train_key, base_key, eval_key, plot_key = jax.random.split(jax.random.PRNGKey(config.training.seed), 5)
     model = config.model.build(init_key)
-    algo = config.algorithm.build(model, maml.nn.mse, iterations=config.training.iterations)
+    algo = config.algorithm.build(model, maml.nn.mse, key=jax.random.fold_in(init_key, 1))
     algo = A.with_skipping(algo, config.training.skip_nonfinite)
     return Setup(algo, maml.init_state(algo.model, algo.optimizer, train_key), model, base_key, eval_key, plot_key)
 
@@ -153,44 +162,50 @@ def curvature_hook(run, tasks: maml.Task, inner: maml.InnerLoop, every: int, key
     return maml.Hook(log, every, at_end=False)
 
 
-@eqx.filter_jit
-def query_mse_curve(model, tasks: maml.Task, inner: maml.InnerLoop, strategy: maml.AbstractStrategy) -> jax.Array:
-    """Per task, query MSE after 0..inner.steps inner steps (adapting as `inner`/`strategy` do): `[B, K + 1]`."""
-    return jax.vmap(lambda task: maml.adaptation_curve(model, task, inner, strategy=strategy))(tasks)
+def evaluate(model, tasks: maml.Task, inner: maml.InnerLoop, strategy, steps: Sequence[int]) -> ev.TaskResults:
+    """Query MSE of every task after each of `steps` inner steps, adapting as `strategy` does."""
+    return ev.evaluate_tasks(model, tasks, inner, strategy, steps, maml.nn.mse, over=ev.all_at_once)
 
 
-def evaluate(model, tasks: maml.Task, inner: maml.InnerLoop, strategy, steps: Sequence[int]) -> tuple[dict, dict]:
-    """Mean query MSE over `tasks` after each of `steps` inner steps, and its 95% interval."""
-    curves = np.asarray(query_mse_curve(model, tasks, inner.with_steps(max(steps)), strategy))
-    mean, ci = curves.mean(axis=0), 1.96 * curves.std(axis=0) / np.sqrt(curves.shape[0])
-    return {str(s): float(mean[s]) for s in steps}, {str(s): float(ci[s]) for s in steps}
+def mse_results(name: str, results: ev.TaskResults) -> dict:
+    """`NAME`, `NAME_ci95`, `NAME_diverged`, `NAME_diverged_fraction`, by step count (means over the tasks
+    that did not diverge)."""
+    summary = ev.summarise(results.metric, results.bad, results.steps)
+    return {f"{name}{suffix}": {k: v[field] for k, v in summary.items()}
+            for suffix, field in (("", "mean"), ("_ci95", "ci95"), ("_diverged", "diverged"),
+                                  ("_diverged_fraction", "diverged_fraction"))}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     config = tracking.prepare(cli.parse(SinusoidConfig, argv, algorithms))
     runtime.initialize(config.runtime)
-    ev, it = config.evaluation, config.training.iterations
+    evc, it = config.evaluation, config.training.iterations
     algo, initial, model, base_key, eval_key, plot_key = setup(config)
     with session.run(config, job="sinusoid") as run:
         hooks = run.hooks(min(config.training.steps_per_call, it))
-        if ev.curvature_every and run.writer:
-            probe = config.tasks.sampler(ev.curvature_tasks)(eval_key)
-            hooks.append(curvature_hook(run, probe, algo.inner, ev.curvature_every, eval_key))
+        if evc.curvature_every and run.writer:
+            probe = config.tasks.sampler(evc.curvature_tasks)(eval_key)
+            hooks.append(curvature_hook(run, probe, algo.inner, evc.curvature_every, eval_key))
         start = time.perf_counter()
         state = train(initial, algo, config, num_steps=it, run=run, hooks=hooks)
         train_seconds = time.perf_counter() - start
         # The paper's baseline: the same network regressing all tasks at once (no inner step in training).
-        pretrain = A.Algorithm(model, maml.InnerLoop(maml.nn.mse, 0, ev.baseline_lr), maml.SecondOrder(),
-                               optax.adam(ev.baseline_outer_lr))
+        pretrain = A.Algorithm(model, maml.InnerLoop(maml.nn.mse, 0, evc.baseline_lr), maml.SecondOrder(),
+                               optax.adam(evc.baseline_outer_lr), maml.SecondOrder())
         baseline = train(maml.init_state(model, pretrain.optimizer, base_key), pretrain, config,
-                         num_steps=ev.baseline_iterations, run=run, checkpoints=False, desc="baseline").model
-        tasks = sample_tasks(eval_key, ev.eval_tasks, config.tasks.shots, ev.eval_points)[0]
-        mse, mse_ci = evaluate(state.model, tasks, algo.inner, algo.strategy, ev.eval_steps)
-        base_mse, base_ci = evaluate(baseline, tasks, pretrain.inner, maml.SecondOrder(), ev.eval_steps)
+                         num_steps=evc.baseline_iterations, run=run, checkpoints=False, desc="baseline").model
+        tasks = sample_tasks(eval_key, evc.eval_tasks, config.tasks.shots, evc.eval_points)[0]
+        steps = config.algorithm.eval_steps
+        scores = evaluate(state.model, tasks, algo.inner, algo.evaluation, steps)
+        base = evaluate(baseline, tasks, pretrain.inner, maml.SecondOrder(), steps)
+        extra, notes = ev.divergences("evaluation", config.algorithm, state.model, algo.inner, scores,
+                                      lambda idx: jax.tree.map(lambda a: a[idx], tasks), eval_key)
+        for line in notes:
+            print(line, file=sys.stderr)
         if run.writer:
             plot_fits(run.out / "fits.png", {config.algorithm.name: (state.model, algo), "pretrained": (baseline, pretrain)},
                       config.tasks.shots, plot_key)
-        results = {"mse": mse, "mse_ci95": mse_ci, "baseline_mse": base_mse, "baseline_mse_ci95": base_ci,
+        results = {**mse_results("mse", scores), **mse_results("baseline_mse", base), **extra, "notes": notes,
                    "train_seconds": train_seconds, "meta_iterations": it,
                    "skipped_steps": maml.skipped_steps(state.opt_state), "params_sha256": maml.params_sha256(state.model),
                    "config": to_flat(config), "devices": [str(d) for d in jax.devices()]}

@@ -40,7 +40,7 @@ def plot_fits(path: Path, models: Mapping[str, tuple[Any, Any]], shots: int, key
 
     tasks, amp, phase = sample_tasks(key, num, shots, 1)
     grid = jnp.linspace(*X_RANGE, 200)[:, None]
-    preds = {name: np.asarray(fit_curves(model, tasks, algo.inner, algo.strategy, steps, grid))
+    preds = {name: np.asarray(fit_curves(model, tasks, algo.inner, algo.evaluation, steps, grid))
              for name, (model, algo) in models.items()}
     fig, axes = plt.subplots(1, num, figsize=(5 * num, 3.6), squeeze=False)
     for i, ax in enumerate(axes[0]):

@@ -32,7 +32,7 @@ from .algorithms.order import AnnealedOrder, FirstOrder, SecondOrder
 from .algorithms.multistep import MultiStepLoss, cosine_adam, msl_weights
 from .algorithms.learned_rates import LearnedLR
 from .algorithms.reptile import Reptile, reptile_sgd
-from .algorithms.implicit import Implicit
+from .algorithms.implicit import AbstractProximalSolver, GradientDescent, HessianFree, Implicit
 from .algorithms.anil import head_filter
 
 # Training: the loop and its hooks, checkpoints, loggers, errors
@@ -79,7 +79,8 @@ __all__ = sorted([
     "AbstractBatching", "Map", "Unroll", "Vmap",
     # the MAML family
     "AbstractStrategy", "AnnealedOrder", "FirstOrder", "SecondOrder", "MultiStepLoss", "cosine_adam", "msl_weights",
-    "LearnedLR", "Reptile", "reptile_sgd", "Implicit", "head_filter",
+    "LearnedLR", "Reptile", "reptile_sgd", "Implicit", "AbstractProximalSolver", "GradientDescent", "HessianFree",
+    "head_filter",
     # training
     "Diverged", "FitResult", "Hook", "Interrupted", "StepInfo", "Stop", "fit", "skipped_steps",
     "CheckpointError", "Checkpointer", "CorruptCheckpoint", "IncompatibleCheckpoint", "atomic_write_bytes",

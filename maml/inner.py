@@ -82,7 +82,8 @@ class InnerLoop(eqx.Module):
 
     - `loss_fn(model, x, y) -> scalar`: the task loss; `x`, `y` are one task's batch (examples first).
     - `steps`: number of SGD steps K (0 means no adaptation).
-    - `lr`: the inner learning rate (an `AbstractLearnedRates` model brings its own, learned, rates).
+    - `lr`: the inner learning rate; None for models that bring their own, learned, rates
+      (`AbstractLearnedRates`), which replace it in any case.
     - `adapt_filter`: an Equinox filter (callable on leaves, or a pytree of bools shaped like the network)
       choosing which leaves adapt; the others stay at their meta-learned value (ANIL: only the head).
     - `checkpoint_every`: 0 keeps every step's intermediates for the outer backward pass (memory O(K));
@@ -97,7 +98,7 @@ class InnerLoop(eqx.Module):
 
     loss_fn: LossFn = eqx.field(static=True)
     steps: int = eqx.field(static=True)
-    lr: float
+    lr: Optional[float]
     adapt_filter: Any = eqx.field(static=True, default=eqx.is_inexact_array)
     checkpoint_every: int = eqx.field(static=True, default=0)
     unroll: int = eqx.field(static=True, default=4)
@@ -106,7 +107,7 @@ class InnerLoop(eqx.Module):
         if not isinstance(self.steps, numbers.Integral) or isinstance(self.steps, bool) or self.steps < 0:
             raise ValueError(f"InnerLoop: steps={self.steps!r}; expected an integer >= 0")
         if isinstance(self.lr, numbers.Real) and not self.lr > 0:
-            raise ValueError(f"InnerLoop: lr={self.lr!r}; expected a positive number")
+            raise ValueError(f"InnerLoop: lr={self.lr!r}; expected a positive number (or None with learned rates)")
         c = self.checkpoint_every
         if not isinstance(c, numbers.Integral) or isinstance(c, bool) or c < 0:
             raise ValueError(f"InnerLoop: checkpoint_every={c!r}; expected an integer >= 0 (0: no remat)")
@@ -147,6 +148,9 @@ class InnerLoop(eqx.Module):
         Reported support losses are `loss_fn` alone, before each step.
         """
         net, lrs = (model.model, model) if isinstance(model, AbstractLearnedRates) else (model, None)
+        if lrs is None and self.lr is None:
+            raise ValueError(f"InnerLoop: lr=None with a {type(model).__name__}; expected a rate, or a model with "
+                             "learned rates (maml.AbstractLearnedRates)")
         params, frozen = eqx.partition(net, self.adapt_filter)
         if lrs is not None and jax.tree.structure(lrs.rates(0)) != jax.tree.structure(params):
             raise ValueError(

@@ -133,6 +133,14 @@ def test_extreme_eigenvalues_match_eigh(x64):
         assert np.linalg.norm(H @ np.asarray(vec) - got.values[0] * np.asarray(vec)) <= got.residuals[0] + 1e-8
 
 
+def test_a_nan_model_gives_nan_eigenvalues_not_an_exception():
+    """A model gone NaN (a diverged run) gives NaN curvature figures to report, not a LinAlgError."""
+    model, f = _regression(hidden=(4,), n=8)
+    model = jax.tree.map(lambda a: jnp.full_like(a, jnp.nan) if eqx.is_inexact_array(a) else a, model)
+    out = _jit(lambda m, key: C.top_eigenvalues(f, m, 1, key=key, num_iters=5))(model, jax.random.key(0))
+    assert np.all(np.isnan(np.asarray(out.values)))
+
+
 def test_gauss_quadrature_weights_are_exact_for_polynomials(x64):
     model, f = _regression(hidden=(6,))
     H, _ = _dense_reference(f, model)

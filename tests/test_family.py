@@ -221,7 +221,7 @@ def test_per_step_conv4_fd(x64):
         np.testing.assert_allclose(a, b, rtol=1e-12)
     np.testing.assert_allclose(called, want[0], rtol=1e-12)
 
-    algo = A.MAMLPlusPlus(inner_steps=STEPS, inner_lr=LR, msl=False).build(net, maml.nn.cross_entropy, iterations=10)
+    algo = A.MAMLPlusPlus(inner_steps=STEPS, inner_lr=LR, msl=False).build(net, maml.nn.cross_entropy, key=k1)
     assert isinstance(algo.model, maml.LearnedLR) and isinstance(algo.model.model, maml.nn.PerStep)
     inner = algo.inner
     g, _ = _fd_check(lambda m: maml.meta_loss(m, task, inner), algo.model, _grad_fn(task, inner, algo.strategy), key,
@@ -257,19 +257,24 @@ def test_reptile_relations(x64):
     np.testing.assert_allclose(values[0], values[1], rtol=1e-12)  # the value is the adapted query loss
 
 
-def test_imaml_exact_on_quadratic(x64):
+@pytest.mark.parametrize("solver", ["gd", "hf"])
+def test_imaml_exact_on_quadratic(x64, solver):
     """Linear model + MSE: phi* = theta - (H + lam I)^{-1} grad L_S(theta) in closed form; the inner loop
-    reaches it and CG (3 iterations, 3 parameters) solves exactly: the implicit gradient is exact."""
+    reaches it (gradient descent at its optimal step; or one Newton step, its CG exact in 3 iterations on 3
+    parameters) and CG (3 iterations) solves exactly: the implicit gradient is exact."""
     key = jax.random.PRNGKey(8)
     model, task, lam = eqx.nn.Linear(2, 1, key=key), _task(key, n=5, d=2), 4.0
     arrays, static = eqx.partition(model, eqx.is_inexact_array)
     flat, unravel = ravel_pytree(arrays)
     support = lambda u: maml.nn.mse(eqx.combine(unravel(u), static), task.support_x, task.support_y)
     eig = jnp.linalg.eigvalsh(jax.hessian(support)(flat)) + lam
-    lr = float(2 / (eig[0] + eig[-1]))  # optimal GD step: contraction (k - 1)/(k + 1), k the condition number
-    steps = int(np.ceil(np.log(1e-15) / np.log((eig[-1] - eig[0]) / (eig[-1] + eig[0]))))
-    inner = maml.InnerLoop(maml.nn.mse, min(steps, 120), lr)
-    strategy = maml.Implicit(lam=lam, cg_steps=3)
+    if solver == "gd":
+        lr = float(2 / (eig[0] + eig[-1]))  # optimal GD step: contraction (k - 1)/(k + 1), k the condition number
+        steps = int(np.ceil(np.log(1e-15) / np.log((eig[-1] - eig[0]) / (eig[-1] + eig[0]))))
+        inner, strategy = maml.InnerLoop(maml.nn.mse, min(steps, 120), lr), maml.Implicit(lam=lam, cg_steps=3)
+    else:
+        inner = maml.InnerLoop(maml.nn.mse, 1, 1.0)
+        strategy = maml.Implicit(lam=lam, cg_steps=3, solver=maml.HessianFree(cg_steps=3))
 
     def closed_form(m):
         u = ravel_pytree(eqx.filter(m, eqx.is_inexact_array))[0]
@@ -309,6 +314,48 @@ def test_imaml_indefinite_operator(x64):
     np.testing.assert_allclose(res, jnp.linalg.norm(jnp.array([2.0, -4.0]) * b - b) / jnp.linalg.norm(b))
 
 
+def test_hessian_free_falls_back_to_a_gradient_step(x64):
+    """Where H + lam I is indefinite and CG's direction is no descent direction, the Newton step is replaced
+    by grad F / lam; on a definite problem one exact Newton step lands on the minimiser."""
+    loss = lambda w, x, y: 0.5 * jnp.sum(x[0] * w**2)  # H = diag(x[0])
+    x, y, w, lam = jnp.array([[3.0, -5.0]]), jnp.zeros((1,)), jnp.ones(2), 1.0  # H + lam I = diag(4, -4)
+    inner, hf = maml.InnerLoop(loss, 1, 0.5), maml.HessianFree(cg_steps=2)
+    out = hf(inner, w, x, y, centre=w, lam=lam)
+    # (I + H/lam) d = g has d = (0.75, 1.25) and d.g = -4 < 0: no descent direction, so the step is lr g / lam
+    g = x[0] * w
+    d = g / (1 + x[0] / lam)
+    assert float(d @ g) < 0
+    np.testing.assert_allclose(out.model, w - 0.5 * g / lam, rtol=1e-12)
+    np.testing.assert_allclose(out.support_losses, [loss(w, x, y)], rtol=1e-12)
+    x = jnp.array([[3.0, 5.0]])  # definite: one full Newton step is exact on a quadratic
+    out = hf(maml.InnerLoop(loss, 1, 1.0), w, x, y, centre=w, lam=lam)
+    np.testing.assert_allclose(out.model, w - (x[0] * w) / (x[0] + lam), rtol=1e-12)
+
+
+def test_imaml_damped_system(x64):
+    """The release's damped system: `solve` returns `((1 + c) I + H / (lam + d))^{-1} b` (dense reference;
+    CG exact in as many steps as parameters), and the meta-gradient is that solve applied to the query
+    gradient at phi*."""
+    key = jax.random.PRNGKey(12)
+    model, task = eqx.nn.Linear(2, 1, key=key), _task(key, n=5, d=2)
+    inner = maml.InnerLoop(maml.nn.mse, 4, 0.1)
+    strategy = maml.Implicit(lam=2.0, cg_steps=3, cg_damping=1.0, lam_damping=10.0)
+    arrays, static = eqx.partition(model, eqx.is_inexact_array)
+    flat, unravel = ravel_pytree(arrays)
+    support = lambda u: maml.nn.mse(eqx.combine(unravel(u), static), task.support_x, task.support_y)
+    phi = strategy.adapt(inner, model, task.support_x, task.support_y).model
+    phi_flat = ravel_pytree(eqx.filter(phi, eqx.is_inexact_array))[0]
+    a = 2.0 * jnp.eye(flat.size) + jax.hessian(support)(phi_flat) / 12.0
+    query_grad = jax.grad(lambda u: maml.nn.mse(eqx.combine(unravel(u), static), task.query_x, task.query_y))
+    want = jnp.linalg.solve(a, query_grad(phi_flat))
+    got = ravel_pytree(eqx.filter_grad(lambda m: maml.meta_loss(m, task, inner, strategy=strategy))(model))[0]
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    u, res, broke = strategy.solve(inner, unravel(phi_flat), static, task.support_x, task.support_y,
+                                   unravel(query_grad(phi_flat)))
+    np.testing.assert_allclose(ravel_pytree(u)[0], want, rtol=1e-10)
+    assert float(res) < 1e-10 and not bool(broke)
+
+
 def test_checkpointed_inner_loop_same_gradient(x64):
     key = jax.random.PRNGKey(10)
     net, task = _mlp(key), _task(key)
@@ -344,6 +391,13 @@ def test_unsupported_combinations_raise():
         maml.head_filter(eqx.nn.Linear(2, 2, key=key))
     with pytest.raises(ValueError, match="Implicit: lam=0"):
         maml.Implicit(lam=0)
+    with pytest.raises(ValueError, match="HessianFree: inner.lr=None with a LearnedLR"):
+        maml.HessianFree()(maml.InnerLoop(maml.nn.mse, 1, None), maml.LearnedLR.per_parameter(model, LR),
+                           task.support_x, task.support_y, centre=None, lam=1.0)
+    with pytest.raises(ValueError, match="HessianFree: cg_steps=0"):
+        maml.HessianFree(0)
+    with pytest.raises(ValueError, match="Implicit: lam_damping=-1"):
+        maml.Implicit(lam_damping=-1)
     with pytest.raises(ValueError, match="first_order_steps=-1"):
         maml.AnnealedOrder(-1)
 
@@ -359,13 +413,15 @@ def test_algorithm_option():
                                          "mamlpp, not of --algorithm imaml"):
         parse("--algorithm", "imaml", "--inner-checkpoint", "2")
     with pytest.raises(ValueError, match="--mamlpp-per-step-bn with a MLP"):
-        A.MAMLPlusPlus(per_step_bn=True).build(_mlp(jax.random.PRNGKey(0)), maml.nn.mse, iterations=10)
+        A.MAMLPlusPlus(per_step_bn=True).build(_mlp(jax.random.PRNGKey(0)), maml.nn.mse, key=jax.random.PRNGKey(0))
     key = jax.random.PRNGKey(12)
     tasks = jax.tree.map(lambda *a: jnp.stack(a), _task(key), _task(jax.random.PRNGKey(13)))
-    settings = dict(inner_steps=2, inner_lr=0.05)
-    configs = [cls(**settings, **({"outer_lr": 1e-2} if issubclass(cls, A.AdamOuter) else {}),
-                   **({"lambda_": 20.0} if cls is A.IMAML else {})) for cls in A.ALL]
-    algos = [c.build(_mlp(key, (4,)), maml.nn.mse, iterations=100) for c in configs]
+    def settings(cls):
+        return dict(inner_steps=2, **({"inner_lr": 0.05} if issubclass(cls, A.FixedRate) else {}),
+                    **({"outer_lr": 1e-2} if issubclass(cls, A.AdamOuter) else {}),
+                    **({"lambda_": 20.0} if cls is A.IMAML else {}), **({"step_size": 1.0} if cls is A.Reptile else {}))
+
+    algos = [cls(**settings(cls)).build(_mlp(key, (4,)), maml.nn.mse, key=key) for cls in A.ALL]
 
     def three_steps(algo, state):  # the same training step for every algorithm; 3 meta-iterations
         step = maml.make_train_step(algo.optimizer, algo.inner, strategy=algo.strategy)

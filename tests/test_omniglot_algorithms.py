@@ -22,22 +22,22 @@ def test_every_algorithm_runs_end_to_end(algorithm, data_args, lake_dir, tmp_pat
     extra = {"mamlpp": ["--mamlpp-per-step-bn", "--inner-steps", "2", "--mamlpp-first-order-iterations", "1"]}
     argv = [*data_args, *MINI, "--iterations", "3", "--algorithm", algorithm, *extra.get(algorithm, [])]
     seen = []
-    real = evaluation.task_accuracies
+    real = evaluation.evaluate_episodes
 
-    def spy(model, images, episodes, key, num_tasks, inner, strategy):
-        seen.append((model, inner, strategy))
-        return real(model, images, episodes, key, num_tasks, inner, strategy)
+    def spy(model, images, episodes, key, num_tasks, inner, strategy, steps):
+        seen.append((model, inner, strategy, steps))
+        return real(model, images, episodes, key, num_tasks, inner, strategy, steps)
 
-    monkeypatch.setattr(evaluation, "task_accuracies", spy)
+    monkeypatch.setattr(evaluation, "evaluate_episodes", spy)
     results = omniglot.main([*argv, "--out", str(tmp_path / "run")])
     assert results["meta_iterations"] == 3 and 0.0 <= results["test_accuracy"] <= 1.0
     assert results["config"]["algorithm"] == algorithm
     config = cli.parse(omniglot.OmniglotConfig, argv, omniglot.algorithms)
     expected = omniglot.setup(config).algo
     assert len(seen) == 2  # validation at step 3, then the test tasks
-    for model, inner, strategy in seen:
-        assert eqx.tree_equal(inner, expected.inner.with_steps(config.evaluation.eval_steps))
-        assert type(strategy) is type(expected.strategy)
+    for model, inner, strategy, steps in seen:  # adapting as the algorithm does at evaluation, for its steps
+        assert eqx.tree_equal(inner, expected.inner) and steps == config.algorithm.eval_steps == (1,)
+        assert type(strategy) is type(expected.evaluation)
         assert jax.tree.structure(eqx.filter(model, eqx.is_array)) == \
             jax.tree.structure(eqx.filter(expected.model, eqx.is_array))
     params, init = final_params(tmp_path / "run")
@@ -54,6 +54,7 @@ def test_every_algorithm_runs_end_to_end(algorithm, data_args, lake_dir, tmp_pat
     assert ("their mean" in lake["head"]) == (algorithm == "metasgd")
     assert lake["inner_lr"] == ("learned" if algorithm in ("metasgd", "mamlpp") else config.algorithm.inner_lr)
     model, inner, strategy = seen[0][:3]
-    assert eqx.tree_equal(inner, expected.inner.with_steps(config.evaluation.eval_steps)) and type(strategy) is type(expected.strategy)
+    assert eqx.tree_equal(inner, expected.inner.with_steps(config.algorithm.eval_steps[-1]))
+    assert type(strategy) is type(expected.evaluation)
     head_shapes = [leaf.shape for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array)) if 20 in leaf.shape[-1:]]
     assert head_shapes, "the 20-way head is in the model"

@@ -272,7 +272,8 @@ def test_algorithm_flags_build_their_pieces():
     pp = build("--algorithm", "mamlpp", "--mamlpp-per-step-bn", "--inner-steps", "2")
     assert isinstance(pp.model, maml.LearnedLR) and isinstance(pp.model.model, maml.nn.PerStep)
     assert pp.model.model.steps == 2 and isinstance(pp.strategy, maml.MultiStepLoss)
-    assert isinstance(build("--algorithm", "mamlpp").model.model, maml.nn.Conv4)
+    assert isinstance(build("--algorithm", "mamlpp").model.model, maml.nn.PerStep)  # the release's default
+    assert isinstance(build("--algorithm", "mamlpp", "--no-mamlpp-per-step-bn").model.model, maml.nn.Conv4)
     assert isinstance(build("--algorithm", "reptile").strategy, maml.Reptile)
     assert isinstance(build("--algorithm", "imaml").strategy, maml.Implicit)
     with pytest.raises(ValueError, match="--first-order is an option of --algorithm maml / anil / metasgd / "
@@ -296,12 +297,12 @@ def test_evaluation_adapts_with_learned_rates():
     images = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (12, 20, 28, 28), 0, 256), np.uint8)
     key = jax.random.PRNGKey(2)
     frozen = eqx.tree_at(lambda m: m.lr, algo.model, jax.tree.map(jnp.zeros_like, algo.model.lr))
-    episodes, inner = config.data.episodes, algo.inner.with_steps(config.evaluation.eval_steps)
-    after = evaluation.task_accuracies(frozen, images, episodes, key, 4, inner, algo.strategy)
+    episodes, steps = config.data.episodes, config.algorithm.eval_steps
+    after = evaluation.evaluate_episodes(frozen, images, episodes, key, 4, algo.inner, algo.evaluation, steps).metric
     tasks = evaluation.draw(episode_sampler(images, *episodes, 4), jax.random.fold_in(key, 0))
     before = eqx.filter_jit(lambda m, ts: jax.vmap(lambda t: maml.nn.accuracy(m, t.query_x, t.query_y))(ts))(
         frozen.model, tasks)
-    np.testing.assert_array_equal(after, np.asarray(before))
-    plain = evaluation.task_accuracies(frozen.model, images, episodes, key, 4, maml.InnerLoop(
-        maml.nn.cross_entropy, 2, 5.0), maml.SecondOrder())  # a plain inner loop with a big step does change them
+    np.testing.assert_array_equal(after[:, 0], np.asarray(before))
+    plain = evaluation.evaluate_episodes(frozen.model, images, episodes, key, 4, maml.InnerLoop(
+        maml.nn.cross_entropy, 2, 5.0), maml.SecondOrder(), steps).metric  # a plain loop with a big step changes them
     assert not np.array_equal(plain, after)

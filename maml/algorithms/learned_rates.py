@@ -9,7 +9,7 @@ from typing import Any, Optional
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Int, PyTree
+from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 
 from ..inner import AbstractLearnedRates, network
 
@@ -40,6 +40,20 @@ class LearnedLR(AbstractLearnedRates):
         return cls(model, jax.tree.map(lambda a: jnp.full_like(a, init_lr), eqx.filter(model, adapt_filter)))
 
     @classmethod
+    def per_parameter_uniform(
+        cls, model: PyTree, low: float, high: float, *, key: PRNGKeyArray, adapt_filter: Any = eqx.is_inexact_array
+    ) -> "LearnedLR":
+        """Meta-SGD as Li et al. 2017 initialise it (section 4.1): one rate per adapted parameter, each drawn
+        uniformly from `[low, high]` (they use [0.005, 0.1])."""
+        _check_lr("low", low)
+        if not high >= low:
+            raise ValueError(f"LearnedLR.per_parameter_uniform: high={high!r}; expected >= low={low!r}")
+        leaves, treedef = jax.tree.flatten(eqx.filter(model, adapt_filter))
+        keys = jax.random.split(key, max(len(leaves), 1))
+        rates = [jax.random.uniform(k, a.shape, a.dtype, low, high) for k, a in zip(keys, leaves)]
+        return cls(model, jax.tree.unflatten(treedef, rates))
+
+    @classmethod
     def per_layer(
         cls, model: PyTree, init_lr: float, steps: Optional[int] = None, adapt_filter: Any = eqx.is_inexact_array
     ) -> "LearnedLR":
@@ -59,6 +73,11 @@ class LearnedLR(AbstractLearnedRates):
 
     def rates(self, step: Int[Array, ""]) -> PyTree:
         return jax.tree.map(lambda r: r[step], self.lr) if self.per_step else self.lr
+
+    def largest_rate(self, step: int = 0) -> Array:
+        """max |rate| of inner step `step`: with it, `largest_rate * lambda_max(H)` bounds the spectral radius
+        of the inner step's `diag(rates) H` (the stability figure of a quadratic model)."""
+        return jnp.max(jnp.stack([jnp.max(jnp.abs(r)) for r in jax.tree.leaves(self.rates(step))]))
 
     def __call__(self, *args, **kwargs):
         """The network's output (for plotting / per-example use; losses see `network(model, k)`)."""

@@ -160,7 +160,9 @@ def lanczos(matvec: Matvec, v0: Float[Array, " n"], num_iters: int, *, key: PRNG
 
 
 def _host_eigh(a_hi, a_lo, b_hi, b_lo):
-    """numpy float64 eigh of T rebuilt from the (compensated) pairs; results in the dtype of `a_hi`."""
+    """numpy float64 eigh of T rebuilt from the (compensated) pairs; results in the dtype of `a_hi`. A T with a
+    non-finite entry (a NaN model or loss) gives NaN values and vectors, as a compiled eigh would, not an
+    exception out of the callback."""
     f64 = lambda u: np.asarray(u).astype(np.float64)  # callbacks may receive jax Arrays: go to numpy first
     a = f64(a_hi) + f64(a_lo)
     b = f64(b_hi) + f64(b_lo)
@@ -169,6 +171,10 @@ def _host_eigh(a_hi, a_lo, b_hi, b_lo):
     vals, vecs = [], []
     for ai, bi in zip(a2, b2):
         t = np.diag(ai) + np.diag(bi[:-1], 1) + np.diag(bi[:-1], -1)
+        if not np.all(np.isfinite(t)):
+            vals.append(np.full(len(ai), np.nan))
+            vecs.append(np.full((len(ai), len(ai)), np.nan))
+            continue
         w, s = np.linalg.eigh(t)
         vals.append(w)
         vecs.append(s)
