@@ -29,7 +29,7 @@ def default_batching(w: Workload) -> maml.AbstractBatching:
 def build_model(w: Workload, key=None):
     key = jax.random.PRNGKey(0) if key is None else key
     if w.model == "conv4":
-        return maml.nn.Conv4(1, w.ways, w.filters, w.image_size, key=key)
+        return maml.nn.Conv4(w.channels, w.ways, w.filters, w.image_size, key=key)
     return maml.nn.MLP(1, 1, (40, 40), key=key)
 
 
@@ -45,10 +45,11 @@ def torch_params(model, w: Workload) -> dict[str, np.ndarray]:
     for i in range(4):
         out[f"convs.{i}.weight"] = f(model.conv_weights[i]).transpose(3, 2, 0, 1)
         out[f"bns.{i}.weight"], out[f"bns.{i}.bias"] = f(model.bn_scales[i]), f(model.bn_offsets[i])
-    # Our head sees NHWC-flattened features; torch flattens NCHW. They agree when the map is 1x1.
-    if model.head_weight.shape[0] != w.filters:
-        raise ValueError(f"image_size={w.image_size}: the final feature map must be 1x1 to share parameters")
-    out["head.weight"], out["head.bias"] = f(model.head_weight).T, f(model.head_bias)
+    # Our head sees NHWC-flattened features [s, s, F]; torch flattens NCHW [F, s, s]: permute its rows.
+    head = f(model.head_weight)
+    s = int(round((head.shape[0] // w.filters) ** 0.5))
+    head = head.reshape(s, s, w.filters, -1).transpose(2, 0, 1, 3).reshape(head.shape[0], -1)
+    out["head.weight"], out["head.bias"] = head.T, f(model.head_bias)
     return out
 
 

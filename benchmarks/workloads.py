@@ -26,6 +26,7 @@ class Workload:
     second_order: bool = True
     image_size: int = 28
     filters: int = 64
+    channels: int = 1
     outer_lr: float = 1e-3
 
     @property
@@ -43,6 +44,8 @@ WORKLOADS = {
         Workload("omniglot-5w1s-2nd", "conv4", 5, 1, 15, 1, 0.4, 32),
         Workload("omniglot-5w1s-1st", "conv4", 5, 1, 15, 1, 0.4, 32, second_order=False),
         Workload("omniglot-20w1s-5step", "conv4", 20, 1, 15, 5, 0.1, 16),
+        # MAML's mini-ImageNet Conv4 (Finn et al. 2017): 84x84x3, 32 filters, 5 steps of 0.01, meta-batch 4
+        Workload("miniimagenet-5w1s-5step", "conv4", 5, 1, 15, 5, 0.01, 4, image_size=84, filters=32, channels=3),
         Workload("sinusoid", "mlp", 1, 10, 10, 1, 0.01, 25),
     )
 }
@@ -53,7 +56,7 @@ def synthetic_batch(w: Workload, seed: int = 0, dtype=np.float32) -> dict[str, n
     rng = np.random.default_rng(seed)
     b = w.meta_batch
     if w.model == "conv4":
-        shape = (w.image_size, w.image_size, 1)
+        shape = (w.image_size, w.image_size, w.channels)
         sx = rng.random((b, w.support_size, *shape)).astype(dtype)
         qx = rng.random((b, w.query_size, *shape)).astype(dtype)
         sy = np.tile(np.repeat(np.arange(w.ways), w.shots), (b, 1)).astype(np.int32)

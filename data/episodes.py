@@ -3,6 +3,9 @@ new classes (each character x 4 rotations is a class), as in the MAML paper's Om
 
 Pure JAX: a whole batch of tasks comes from one key inside the jitted step (task i from
 `fold_in(key, i)`), with the split on the device as `uint8 [C, D, 28, 28]`; no Python loop per task.
+Colour splits `uint8 [C, D, H, W, channels]` (e.g. mini-ImageNet's `[64, 600, 84, 84, 3]`) work the same
+way; there the examples keep their channel axis (grey images get a trailing axis of 1). Rotations as
+classes are an Omniglot convention: pass `rotate=False` for natural images.
 `EpisodeSampler.sample_range` draws a slice of that batch, so `maml.parallel` can split it across devices
 (each device draws its own tasks, the same ones whatever the split).
 """
@@ -21,16 +24,20 @@ ROTATIONS = 4
 
 
 def check_episode_args(images_shape: tuple[int, ...], ways: int, shots: int, queries: int, rotate: bool) -> None:
-    """Raise a one-line ValueError unless `images [C, D, H, W]` can give `ways`-way `shots`+`queries` tasks."""
-    if len(images_shape) != 4:
-        raise ValueError(f"episodes: images has shape {images_shape}; expected [characters, images, height, width]")
+    """Raise a one-line ValueError unless `images [C, D, H, W]` (or `[C, D, H, W, channels]`) can give
+    `ways`-way `shots`+`queries` tasks."""
+    if len(images_shape) not in (4, 5):
+        raise ValueError(
+            f"episodes: images has shape {images_shape}; expected [characters, images, height, width] "
+            "or [characters, images, height, width, channels]"
+        )
     chars, per_char = images_shape[:2]
     for name, value, low in (("ways", ways, 1), ("shots", shots, 1), ("queries", queries, 0)):
         if not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"episodes: {name}={value!r}; expected an integer >= {low}")
     classes = chars * (ROTATIONS if rotate else 1)
     if ways > classes:
-        how = f"{chars} characters x {ROTATIONS} rotations" if rotate else f"{chars} characters (no rotations)"
+        how = f"{chars} characters x {ROTATIONS} rotations" if rotate else f"{chars} classes, no rotations"
         raise ValueError(f"episodes: ways={ways} is more than the split's {classes} classes ({how})")
     if shots + queries > per_char:
         raise ValueError(
@@ -40,10 +47,16 @@ def check_episode_args(images_shape: tuple[int, ...], ways: int, shots: int, que
 
 
 def sample_episode(
-    key: PRNGKeyArray, images: UInt8[Array, "C D H W"], ways: int, shots: int, queries: int, rotate: bool = True
+    key: PRNGKeyArray,
+    images: UInt8[Array, "C D H W"] | UInt8[Array, "C D H W ch"],
+    ways: int,
+    shots: int,
+    queries: int,
+    rotate: bool = True,
 ) -> Task:
-    """One task: `support_x float32 [N*K, H, W, 1]` in [0, 1], `support_y int32 [N*K]` in [0, N), and the
-    query set likewise with `N*Q` examples. Examples are class-major (class j at rows j*K .. j*K+K-1).
+    """One task: `support_x float32 [N*K, H, W, 1]` in [0, 1] (`[N*K, H, W, ch]` from colour images),
+    `support_y int32 [N*K]` in [0, N), and the query set likewise with `N*Q` examples. Examples are
+    class-major (class j at rows j*K .. j*K+K-1).
 
     Classes are drawn without replacement from characters x rotations; images of a class from its
     character's D drawers without replacement, so support and query never share an image.
@@ -56,11 +69,13 @@ def sample_episode(
     classes = jax.lax.top_k(scores[:num_classes], ways)[1]
     char, rot = classes % chars, classes // chars
     drawers = jax.lax.top_k(scores[num_classes:].reshape(ways, per_char), shots + queries)[1]
-    x = images[char[:, None], drawers]  # [N, K+Q, H, W] uint8
+    x = images[char[:, None], drawers]  # [N, K+Q, H, W] (or [N, K+Q, H, W, ch]) uint8
     if rotate:
-        rotated = jnp.stack([jnp.rot90(x, r, axes=(-2, -1)) for r in range(ROTATIONS)])  # [4, N, K+Q, H, W]
+        rotated = jnp.stack([jnp.rot90(x, r, axes=(2, 3)) for r in range(ROTATIONS)])  # [4, N, K+Q, H, W(, ch)]
         x = rotated[rot, jnp.arange(ways)]
-    x = (x.astype(jnp.float32) / 255.0)[..., None]
+    x = x.astype(jnp.float32) / 255.0
+    if x.ndim == 4:  # grey: add the channel axis
+        x = x[..., None]
     y = jnp.broadcast_to(jnp.arange(ways, dtype=jnp.int32)[:, None], (ways, shots + queries))
     size = x.shape[2:]
     return Task(
@@ -73,7 +88,7 @@ def sample_episode(
 
 def sample_episodes(
     key: PRNGKeyArray,
-    images: UInt8[Array, "C D H W"],
+    images: UInt8[Array, "C D H W"] | UInt8[Array, "C D H W ch"],
     ways: int,
     shots: int,
     queries: int,
@@ -84,8 +99,8 @@ def sample_episodes(
     """A batch of `num_tasks` episodes (leading task axis B): tasks `start .. start+B-1`, task i being
     `sample_episode(fold_in(key, i))` (`start` may be a traced int32 scalar).
 
-    `support_x float32 [B, N*K, H, W, 1]`, `support_y int32 [B, N*K]`, `query_x [B, N*Q, H, W, 1]`,
-    `query_y int32 [B, N*Q]`.
+    `support_x float32 [B, N*K, H, W, 1]` (`ch` channels for colour), `support_y int32 [B, N*K]`,
+    `query_x [B, N*Q, H, W, 1]`, `query_y int32 [B, N*Q]`.
     """
     check_episode_args(tuple(images.shape), ways, shots, queries, rotate)
     if not isinstance(num_tasks, (int, np.integer)) or num_tasks < 1:
@@ -102,7 +117,7 @@ class EpisodeSampler(eqx.Module):
     protocol (`num_tasks`, `sample_range`), so the parallel steps can split its batch across devices.
     """
 
-    images: UInt8[Array, "C D H W"]
+    images: UInt8[Array, "C D H W"] | UInt8[Array, "C D H W ch"]
     ways: int = eqx.field(static=True)
     shots: int = eqx.field(static=True)
     queries: int = eqx.field(static=True)
@@ -128,7 +143,7 @@ class EpisodeSampler(eqx.Module):
 
 
 def episode_sampler(
-    images: UInt8[np.ndarray | Array, "C D H W"],
+    images: UInt8[np.ndarray | Array, "C D H W"] | UInt8[np.ndarray | Array, "C D H W ch"],
     ways: int,
     shots: int,
     queries: int,
@@ -141,6 +156,8 @@ def episode_sampler(
     return EpisodeSampler(jnp.asarray(images, dtype=jnp.uint8), ways, shots, queries, num_tasks, rotate)
 
 
-def as_images(x: Float[Array, "... H W 1"]) -> UInt8[Array, "... H W"]:
-    """Back to uint8 images (inverse of the sampler's scaling), e.g. to compare with the source split."""
-    return jnp.round(x[..., 0] * 255.0).astype(jnp.uint8)
+def as_images(x: Float[Array, "... H W ch"]) -> UInt8[Array, "... H W"] | UInt8[Array, "... H W ch"]:
+    """Back to uint8 images (inverse of the sampler's scaling), e.g. to compare with the source split:
+    `[..., H, W]` from grey `[..., H, W, 1]`, colour `[..., H, W, ch]` kept as it is."""
+    u8 = jnp.round(x * 255.0).astype(jnp.uint8)
+    return u8[..., 0] if x.shape[-1] == 1 else u8

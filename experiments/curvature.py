@@ -125,12 +125,10 @@ def held_out_tasks(run: runs.Run) -> tuple[Callable[[jax.Array, int], maml.Task]
     episodes = run.config.data.episodes
 
     def sample(key: jax.Array, n: int) -> maml.Task:
-        from data.episodes import episode_sampler
+        return evaluation.draw(episodes.sampler(splits.test, n), key)
 
-        return evaluation.draw(episode_sampler(splits.test, *episodes, n), key)
-
-    info = {"episodes": {**episodes._asdict(), "split": "meta-test", "test_alphabets": list(splits.test_alphabets),
-                         "characters": int(len(splits.test)), "data_dir": str(run.config.data.data_dir)}}
+    info = {"episodes": {**episodes._asdict(), "split": "meta-test", splits.names_key: list(splits.test_names),
+                         splits.counts_key: int(len(splits.test)), "data_dir": str(run.config.data.data_dir)}}
     return sample, info
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import maml
-from data.episodes import episode_sampler
+from data.episodes import check_episode_args, episode_sampler
 
 BLOCK = 100  # tasks drawn and evaluated per compiled call (task i of block b: fold_in(fold_in(key, b), i))
 DIVERGENCE_FACTOR = 1000.0
@@ -26,11 +26,21 @@ DIVERGED = (f"query loss non-finite or above {DIVERGENCE_FACTOR:g}x its value be
 
 
 class Episodes(NamedTuple):
-    """N-way K-shot episodes with Q queries per class."""
+    """N-way K-shot episodes with Q queries per class; `rotate`: rotations by 90 degrees as new classes (the
+    Omniglot convention; off for natural images)."""
 
     ways: int
     shots: int
     queries: int
+    rotate: bool = True
+
+    def sampler(self, images, num_tasks: int):
+        """`data.episodes.episode_sampler` of these episodes from class-major `images`, `num_tasks` per draw."""
+        return episode_sampler(images, self.ways, self.shots, self.queries, num_tasks, rotate=self.rotate)
+
+    def check(self, images_shape: tuple[int, ...]) -> None:
+        """A one-line ValueError unless images of `images_shape` can give these episodes."""
+        check_episode_args(images_shape, self.ways, self.shots, self.queries, self.rotate)
 
 
 draw = eqx.filter_jit(lambda sampler, key: sampler(key))
@@ -131,7 +141,7 @@ def evaluate_tasks(model, tasks: maml.Task, inner: maml.InnerLoop, strategy: mam
 def _blocks(images, episodes: Episodes, key: jax.Array, num_tasks: int):
     """The sampler of `num_tasks` episodes drawn in blocks, and the key of each block."""
     block = min(BLOCK, num_tasks)
-    return episode_sampler(images, *episodes, block), [jax.random.fold_in(key, b) for b in
+    return episodes.sampler(images, block), [jax.random.fold_in(key, b) for b in
                                                        range(math.ceil(num_tasks / block))]
 
 

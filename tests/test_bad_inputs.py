@@ -3,18 +3,22 @@
 Placeholders in the commands: {file} an existing regular file, {empty} an empty folder, {data} the shared
 Omniglot folder (rows using it skip without MAML_SHARED_DATA), {run} a finished sinusoid run folder,
 {yaml} a file holding the YAML after `<<<` in the command cell, {corrupt} a folder whose
-images_background_small1.zip is not a zip file.
+images_background_small1.zip is not a zip file; {html} / {truncated} folders whose mini-ImageNet pickles are
+an HTML page / cut in half, {nofine} a CIFAR-100 tarball without fine_labels, {cifar} a small valid one.
 """
 
 import importlib
 import os
+import pickle
 import re
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from experiments import cli
+from test_image_data import write_cifar_tarball
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,6 +29,23 @@ def rows():
     found = re.findall(r"^\| `(python -m [^`]+)` \| `([^`]+)` \|$", section, re.M)
     assert len(found) >= 20, "the README's bad-input table should list at least 20 cases"
     return found
+
+
+@pytest.fixture(scope="module")
+def image_folders(tmp_path_factory) -> dict[str, Path]:
+    """{html}, {truncated}, {nofine}, {cifar}: dataset folders with one fault each (or none)."""
+    root = tmp_path_factory.mktemp("image_folders")
+    folders = {name: root / name for name in ("html", "truncated", "nofine", "cifar")}
+    for folder in folders.values():
+        folder.mkdir()
+    whole = pickle.dumps({"image_data": np.zeros((2, 84, 84, 3), np.uint8), "class_dict": {"n01": [0, 1]}})
+    for split in ("train", "val", "test"):
+        name = f"mini-imagenet-cache-{split}.pkl"
+        (folders["html"] / name).write_bytes(b"<!DOCTYPE html><html><body>Google Drive</body></html>")
+        (folders["truncated"] / name).write_bytes(whole[: len(whole) // 2])
+    write_cifar_tarball(folders["nofine"] / "cifar-100-python.tar.gz", drop_key="fine_labels")
+    write_cifar_tarball(folders["cifar"] / "cifar-100-python.tar.gz", train_per_class=1, test_per_class=1)
+    return folders
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +78,8 @@ def test_bad_input_gives_its_one_line(command, message, tmp_path, capsys, reques
         if not shared or not Path(shared).is_dir():
             pytest.skip("real data not available: set MAML_SHARED_DATA to ../shared/data")
         values["data"] = Path(shared) / "omniglot"
+    if any(f"{{{name}}}" in command for name in ("html", "truncated", "nofine", "cifar")):
+        values.update(request.getfixturevalue("image_folders"))
     if "{run}" in command + message:
         values["run"] = request.getfixturevalue("finished_run")
     fill = lambda s: s.format(**{k: str(v) for k, v in values.items()})

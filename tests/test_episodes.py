@@ -115,7 +115,7 @@ def test_without_rotations_and_inside_a_scan(coded_images):
     "kwargs, message",
     [
         (dict(ways=41), r"ways=41 is more than the split's 40 classes \(10 characters x 4 rotations\)"),
-        (dict(ways=11, rotate=False), r"ways=11 is more than the split's 10 classes \(10 characters \(no rot"),
+        (dict(ways=11, rotate=False), r"ways=11 is more than the split's 10 classes \(10 classes, no rotations\)"),
         (dict(shots=5, queries=16), r"shots \+ queries = 5 \+ 16 = 21; expected at most 20 images per character"),
         (dict(shots=0), r"shots=0; expected an integer >= 1"),
         (dict(num_tasks=0), r"num_tasks=0; expected an integer >= 1"),

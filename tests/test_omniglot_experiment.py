@@ -22,8 +22,7 @@ import numpy as np
 import pytest
 
 import maml
-from data.episodes import episode_sampler
-from data.omniglot import ZIPS
+from data.omniglot import ZIPS, load_omniglot
 from experiments import algorithms, cli, config, evaluation, lake_oneshot, omniglot, runs, sinusoid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,8 +48,11 @@ def omniglot_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def data_args(omniglot_dir, tmp_path_factory) -> list[str]:
-    """--data-dir and the session's tfds cache (shared with tests/test_omniglot_data.py)."""
-    return ["--data-dir", str(omniglot_dir), "--cache-dir", str(tmp_path_factory.getbasetemp() / "omniglot_tfds")]
+    """--data-dir and the session's tfds cache (shared with tests/test_omniglot_data.py), built here so that
+    tfds' progress output on a first build never lands in a test's captured stderr."""
+    cache = tmp_path_factory.getbasetemp() / "omniglot_tfds"
+    load_omniglot(omniglot_dir, cache)
+    return ["--data-dir", str(omniglot_dir), "--cache-dir", str(cache)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -299,7 +301,7 @@ def test_evaluation_adapts_with_learned_rates():
     frozen = eqx.tree_at(lambda m: m.lr, algo.model, jax.tree.map(jnp.zeros_like, algo.model.lr))
     episodes, steps = config.data.episodes, config.algorithm.eval_steps
     after = evaluation.evaluate_episodes(frozen, images, episodes, key, 4, algo.inner, algo.evaluation, steps).metric
-    tasks = evaluation.draw(episode_sampler(images, *episodes, 4), jax.random.fold_in(key, 0))
+    tasks = evaluation.draw(episodes.sampler(images, 4), jax.random.fold_in(key, 0))
     before = eqx.filter_jit(lambda m, ts: jax.vmap(lambda t: maml.nn.accuracy(m, t.query_x, t.query_y))(ts))(
         frozen.model, tasks)
     np.testing.assert_array_equal(after[:, 0], np.asarray(before))

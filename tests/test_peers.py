@@ -15,6 +15,8 @@ from benchmarks.workloads import Workload  # noqa: E402
 TINY = {
     "conv4-2nd": Workload("tiny-conv4-2nd", "conv4", 3, 1, 2, 2, 0.4, 2, image_size=16, filters=4),
     "conv4-1st": Workload("tiny-conv4-1st", "conv4", 3, 1, 2, 1, 0.4, 2, second_order=False, image_size=16, filters=4),
+    # colour images and a 2x2 final map: the head's rows are permuted between NHWC and NCHW flattening
+    "conv4-colour": Workload("tiny-conv4-colour", "conv4", 3, 1, 2, 2, 0.1, 2, image_size=32, filters=4, channels=3),
     "sinusoid": Workload("tiny-sinusoid", "mlp", 1, 10, 10, 1, 0.01, 2),
 }
 

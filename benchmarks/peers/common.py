@@ -37,11 +37,11 @@ def max_pool_amax(x, k=2):
 class Conv4(nn.Module):
     """The MAML Conv4: 4 x (3x3 conv without bias, batch-statistics batch norm, ReLU, 2x2 max-pool), linear."""
 
-    def __init__(self, classes: int, filters: int = 64, features: int = 64, bn: str = "module"):
+    def __init__(self, classes: int, filters: int = 64, features: int = 64, bn: str = "module", channels: int = 1):
         super().__init__()
         self.pool = F.max_pool2d if bn == "module" else max_pool_amax
         convs, bns = [], []
-        cin = 1
+        cin = channels
         for _ in range(4):
             convs.append(nn.Conv2d(cin, filters, 3, padding=1, bias=False))
             # "module": the nn.BatchNorm2d users write (higher, learn2learn); "manual": right under vmap.
@@ -72,7 +72,7 @@ class MLP(nn.Module):
 def build(workload, params: dict[str, np.ndarray], dtype=torch.float32, bn: str = "module") -> nn.Module:
     """The workload's torch model holding `params` (names as `benchmarks.ours.torch_params` gives)."""
     if workload.model == "conv4":
-        model = Conv4(workload.ways, workload.filters, params["head.weight"].shape[1], bn=bn)
+        model = Conv4(workload.ways, workload.filters, params["head.weight"].shape[1], bn=bn, channels=workload.channels)
     else:
         model = MLP()
     model = model.to(dtype)  # before loading: load_state_dict casts into the existing dtype

@@ -1,6 +1,7 @@
 """Equinox models, their fast layers and the task losses.
 
 - `MLP` (the sinusoid network), `Conv4` (Omniglot / mini-ImageNet, any image size and channels);
+- `ResNet12`: MetaOptNet's ResNet-12 (batch statistics, global average pooling, no DropBlock);
 - `PerStep`: per-inner-step parameters of any network (MAML++ per-step batch norm);
 - `AbstractBatchModel` / `apply`: per-example models are vmapped, batch models take the whole batch;
 - layers: `Im2Col`, `LaxConv` (3x3 convolutions as values), `max_pool_2x2`, `batch_norm`;
@@ -13,10 +14,11 @@ from .layers import AbstractConv3x3, Im2Col, LaxConv, batch_norm, im2col_3x3, ma
 from .losses import accuracy, cross_entropy, mse
 from .mlp import MLP
 from .per_step import PerStep, norm_params
+from .resnet12 import ResNet12
 
 __all__ = [
     # models
-    "AbstractBatchModel", "Conv4", "MLP", "PerStep", "apply", "norm_params",
+    "AbstractBatchModel", "Conv4", "MLP", "PerStep", "ResNet12", "apply", "norm_params",
     # layers
     "AbstractConv3x3", "Im2Col", "LaxConv", "batch_norm", "im2col_3x3", "max_pool_2x2",
     # losses

@@ -1,0 +1,314 @@
+"""CIFAR-FS (Bertinetto et al. 2019: 64/16/20 CIFAR-100 classes) and FC100 (Oreshkin et al. 2018:
+12/4/4 superclasses = 60/20/20 classes), both from the standard `cifar-100-python.tar.gz` (or its extracted
+`cifar-100-python/` folder), 32x32 RGB.
+
+CIFAR-100's train and test images are pooled (600 per class: train's 500 then test's 100) and re-split by
+class with the lists below. The tarball's pickles (`train`, `test`: `data uint8 [N, 3072]` channel-major,
+`fine_labels`; `meta`: `fine_label_names`) are read without extracting anything. A downloaded tarball
+(`download=True`) is checked against its published md5 and sha256; a local one is checked by its content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+import zlib
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from data.images.common import (
+    SPLITS,
+    FewShotSplit,
+    ImageSplitsBuilder,
+    PreparedSplit,
+    as_text,
+    build_and_read,
+    check_not_html,
+    check_splits,
+    fail,
+    find_form,
+    get_key,
+    grouped_split,
+    unpickle,
+)
+from data.omniglot import _sha256
+
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_TARBALL = "cifar-100-python.tar.gz"
+CIFAR100_SIZE = 169001437
+CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"  # published on https://www.cs.toronto.edu/~kriz/cifar.html
+# As pinned by Keras (keras-team/keras keras/datasets/cifar100.py, `file_hash`) and torchvision
+# (pytorch/vision torchvision/prototype/datasets/_builtin/cifar.py, `Cifar100._SHA256`).
+CIFAR100_SHA256 = "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7"
+FORMS: dict[str, dict[str, tuple[str, ...]]] = {
+    "tarball": {"archive": (CIFAR100_TARBALL,)},
+    "folder": {m: (f"cifar-100-python/{m}",) for m in ("train", "test", "meta")},
+}
+IMAGE_SHAPE = (32, 32, 3)
+
+# The 100 fine label names in label order, as in the tarball's `meta` (`fine_label_names`); the same list
+# as pytorch/vision torchvision/prototype/datasets/_builtin/cifar100.categories.
+CIFAR100_FINE_NAMES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
+    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
+    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur",
+    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
+    "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain",
+    "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
+    "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
+    "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
+    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger",
+    "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
+)  # fmt: skip
+
+# The 20 superclasses (`coarse_label_names`, in label order) and their 5 classes each, as listed on
+# https://www.cs.toronto.edu/~kriz/cifar.html (and in torchmeta's cifar-fs json files' [coarse, fine] pairs).
+CIFAR100_SUPERCLASSES: dict[str, tuple[str, ...]] = {
+    "aquatic_mammals": ("beaver", "dolphin", "otter", "seal", "whale"),
+    "fish": ("aquarium_fish", "flatfish", "ray", "shark", "trout"),
+    "flowers": ("orchid", "poppy", "rose", "sunflower", "tulip"),
+    "food_containers": ("bottle", "bowl", "can", "cup", "plate"),
+    "fruit_and_vegetables": ("apple", "mushroom", "orange", "pear", "sweet_pepper"),
+    "household_electrical_devices": ("clock", "keyboard", "lamp", "telephone", "television"),
+    "household_furniture": ("bed", "chair", "couch", "table", "wardrobe"),
+    "insects": ("bee", "beetle", "butterfly", "caterpillar", "cockroach"),
+    "large_carnivores": ("bear", "leopard", "lion", "tiger", "wolf"),
+    "large_man-made_outdoor_things": ("bridge", "castle", "house", "road", "skyscraper"),
+    "large_natural_outdoor_scenes": ("cloud", "forest", "mountain", "plain", "sea"),
+    "large_omnivores_and_herbivores": ("camel", "cattle", "chimpanzee", "elephant", "kangaroo"),
+    "medium_mammals": ("fox", "porcupine", "possum", "raccoon", "skunk"),
+    "non-insect_invertebrates": ("crab", "lobster", "snail", "spider", "worm"),
+    "people": ("baby", "boy", "girl", "man", "woman"),
+    "reptiles": ("crocodile", "dinosaur", "lizard", "snake", "turtle"),
+    "small_mammals": ("hamster", "mouse", "rabbit", "shrew", "squirrel"),
+    "trees": ("maple_tree", "oak_tree", "palm_tree", "pine_tree", "willow_tree"),
+    "vehicles_1": ("bicycle", "bus", "motorcycle", "pickup_truck", "train"),
+    "vehicles_2": ("lawn_mower", "rocket", "streetcar", "tank", "tractor"),
+}
+
+# CIFAR-FS (Bertinetto et al. 2019, github.com/bertinetto/r2d2): the class lists of torchmeta
+# (tristandeleu/pytorch-meta torchmeta/datasets/assets/cifar100/cifar-fs/{train,val,test}.json, in their order).
+CIFAR_FS_SPLITS: dict[str, tuple[str, ...]] = {
+    "train": (
+        "dolphin", "seal", "aquarium_fish", "ray", "trout", "orchid", "sunflower", "tulip", "bottle", "bowl",
+        "can", "cup", "plate", "apple", "mushroom", "orange", "pear", "clock", "keyboard", "chair",
+        "couch", "bee", "caterpillar", "cockroach", "bear", "lion", "tiger", "wolf", "bridge", "castle",
+        "house", "road", "skyscraper", "cloud", "forest", "mountain", "elephant", "kangaroo", "porcupine", "possum",
+        "raccoon", "skunk", "lobster", "spider", "boy", "girl", "dinosaur", "lizard", "snake", "turtle",
+        "hamster", "mouse", "rabbit", "shrew", "squirrel", "oak_tree", "palm_tree", "pine_tree", "willow_tree", "bus",
+        "train", "lawn_mower", "streetcar", "tank",
+    ),
+    "val": (
+        "beaver", "otter", "flatfish", "shark", "lamp", "television", "beetle", "butterfly", "sea", "camel",
+        "cattle", "crab", "crocodile", "maple_tree", "motorcycle", "tractor",
+    ),
+    "test": (
+        "whale", "poppy", "rose", "sweet_pepper", "telephone", "bed", "table", "wardrobe", "leopard", "plain",
+        "chimpanzee", "fox", "snail", "worm", "baby", "man", "woman", "bicycle", "pickup_truck", "rocket",
+    ),
+}  # fmt: skip
+
+# FC100 (Oreshkin et al. 2018, TADAM; superclasses 1-6, 9, 10, 15, 17-19 / 8, 11, 13, 16 / 0, 7, 12, 14):
+# torchmeta's tristandeleu/pytorch-meta torchmeta/datasets/assets/cifar100/fc100/train.json and test.json;
+# val.json as stored at torchmeta/datasets/assets/cifar100/val.json (commit 3e29bfa), the remaining four.
+FC100_SUPERCLASS_SPLITS: dict[str, tuple[str, ...]] = {
+    "train": (
+        "fish", "flowers", "food_containers", "fruit_and_vegetables", "household_electrical_devices",
+        "household_furniture", "large_man-made_outdoor_things", "large_natural_outdoor_scenes", "reptiles",
+        "trees", "vehicles_1", "vehicles_2",
+    ),
+    "val": ("large_carnivores", "large_omnivores_and_herbivores", "non-insect_invertebrates", "small_mammals"),
+    "test": ("aquatic_mammals", "insects", "medium_mammals", "people"),
+}  # fmt: skip
+FC100_SPLITS: dict[str, tuple[str, ...]] = {
+    split: tuple(fine for coarse in coarses for fine in CIFAR100_SUPERCLASSES[coarse])
+    for split, coarses in FC100_SUPERCLASS_SPLITS.items()
+}
+
+
+def verify_download(dataset: str, path: Path, url: str) -> Path:
+    """Check a downloaded tarball's md5 and sha256 against the published ones; a bad one is deleted."""
+    md5 = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            md5.update(block)
+    sha256 = _sha256(path)
+    if (md5.hexdigest(), sha256) != (CIFAR100_MD5, CIFAR100_SHA256):
+        size = path.stat().st_size
+        path.unlink(missing_ok=True)  # so that the next try fetches it again
+        Path(f"{path}.INFO").unlink(missing_ok=True)
+        raise fail(
+            dataset,
+            f"{CIFAR100_TARBALL} downloaded from {url} to {path} is corrupt or not the original "
+            f"(md5 {md5.hexdigest()}, sha256 {sha256}, {size} bytes; expected md5 {CIFAR100_MD5}, "
+            f"sha256 {CIFAR100_SHA256}, {CIFAR100_SIZE} bytes)",
+        )
+    return path
+
+
+def read_members(dataset: str, form: str, paths: dict[str, Path]) -> dict[str, tuple[bytes, str]]:
+    """The `train`, `test` and `meta` pickles' bytes, each with where it came from (for messages)."""
+    if form == "folder":
+        for m, p in paths.items():
+            check_not_html(dataset, p, "a CIFAR-100 python pickle")
+        return {m: (p.read_bytes(), str(p)) for m, p in paths.items()}
+    path = paths["archive"]
+    check_not_html(dataset, path, "the CIFAR-100 python tarball")
+    out = {}
+    try:
+        with tarfile.open(path, "r:gz") as archive:
+            for m in ("train", "test", "meta"):
+                name = f"cifar-100-python/{m}"
+                try:
+                    member = archive.extractfile(name)
+                except KeyError:
+                    member = None
+                if member is None:
+                    raise fail(dataset, f"{path} has no file {name}; expected the CIFAR-100 python tarball")
+                out[m] = (member.read(), f"{path}:{name}")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise fail(
+            dataset, f"{path} is truncated or not a tar.gz ({type(e).__name__}: {e}); expected {CIFAR100_TARBALL}"
+        ) from e
+    return out
+
+
+def pooled_images(dataset: str, members: dict[str, tuple[bytes, str]]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """CIFAR-100's train then test images `uint8 [N, 32, 32, 3]`, fine labels `[N]`, fine names `[100]`."""
+    expected = "data and fine_labels"
+    images, labels = [], []
+    for m in ("train", "test"):
+        data, where = members[m]
+        batch = unpickle(dataset, data, where, expected)
+        x = get_key(dataset, batch, "data", where, expected)
+        y = np.asarray(get_key(dataset, batch, "fine_labels", where, expected))
+        if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
+            what = f"shape {x.shape} {x.dtype}" if isinstance(x, np.ndarray) else f"a {type(x).__name__}"
+            raise fail(dataset, f"{where}: data is {what}; expected [N, 3072] uint8")
+        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer) or (len(y) and (y.min() < 0 or y.max() > 99)):
+            raise fail(dataset, f"{where}: fine_labels is not {len(x)} labels in 0 .. 99, one per image")
+        images.append(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(y.astype(np.int64))
+    data, where = members["meta"]
+    meta = unpickle(dataset, data, where, "fine_label_names")
+    names = get_key(dataset, meta, "fine_label_names", where, "fine_label_names")
+    if not isinstance(names, (list, tuple)) or len(names) != 100:
+        raise fail(dataset, f"{where}: fine_label_names is not a list of 100 names")
+    return np.concatenate(images), np.concatenate(labels), [as_text(n) for n in names]
+
+
+def split_by_class(
+    images: np.ndarray, labels: np.ndarray, names: list[str], classes: tuple[str, ...], source: str
+) -> PreparedSplit:
+    """The images of `classes` (by fine name), in pooled order."""
+    wanted = np.flatnonzero(np.isin(np.array(names), classes))
+    rows = np.flatnonzero(np.isin(labels, wanted))
+    class_names, index, _ = grouped_split(labels[rows], lambda c: names[c])
+    return PreparedSplit(class_names, index, lambda: iter(images[rows]), source)
+
+
+class Cifar100Splits(ImageSplitsBuilder, skip_registration=True):
+    """Base of `CifarFS` and `FC100`: CIFAR-100 re-split by class (`SPLIT_CLASSES`), 32x32 RGB.
+
+    The tarball (or `cifar-100-python/`) is read from `manual_dir`; without it, downloaded from `url`
+    unless that is None. Features: `image uint8 [32, 32, 3]`, `label` (index into the split's sorted
+    class names), `class_name` (the fine label name), `index` (position among the pooled images).
+    """
+
+    SPLIT_CLASSES: ClassVar[dict[str, tuple[str, ...]]] = {}
+    IMAGE_SHAPE = IMAGE_SHAPE
+    HOMEPAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"Put {CIFAR100_TARBALL} (or its extracted cifar-100-python/) in manual_dir."
+
+    def __init__(self, *, url: str | None = None, **kwargs):
+        self._url = url
+        super().__init__(**kwargs)
+
+    def _prepare(self, manual: Path | None, dl_manager) -> dict[str, PreparedSplit]:
+        form, paths = self._source(manual, dl_manager)
+        members = read_members(self.DATASET, form, paths)
+        images, labels, names = pooled_images(self.DATASET, members)
+        source = str(next(iter(paths.values())).parent if form == "folder" else paths["archive"])
+        splits = {s: split_by_class(images, labels, names, self.SPLIT_CLASSES[s], source) for s in SPLITS}
+        check_splits(self.DATASET, splits, {s: len(c) for s, c in self.SPLIT_CLASSES.items()})
+        return splits
+
+    def _source(self, manual: Path | None, dl_manager) -> tuple[str, dict[str, Path]]:
+        try:
+            if manual is None:
+                raise fail(self.DATASET, f"no data folder given (manual_dir); expected one with {CIFAR100_TARBALL}")
+            return find_form(self.DATASET, manual, FORMS)
+        except ValueError:
+            if self._url is None:
+                raise
+        path = Path(dl_manager.download(self._url))
+        return "tarball", {"archive": verify_download(self.DATASET, path, self._url)}
+
+
+class CifarFS(Cifar100Splits, skip_registration=True):
+    """CIFAR-FS: 64/16/20 CIFAR-100 classes (`CIFAR_FS_SPLITS`), 600 32x32 images each."""
+
+    name = "maml_cifar_fs"
+    DATASET = "cifar_fs"
+    DESCRIPTION = "CIFAR-FS (Bertinetto et al. 2019): CIFAR-100 re-split into 64/16/20 classes, 32x32 RGB."
+    SPLIT_CLASSES = CIFAR_FS_SPLITS
+
+
+class FC100(Cifar100Splits, skip_registration=True):
+    """FC100: CIFAR-100 split by superclass, 12/4/4 superclasses = 60/20/20 classes (`FC100_SPLITS`)."""
+
+    name = "maml_fc100"
+    DATASET = "fc100"
+    DESCRIPTION = "FC100 (Oreshkin et al. 2018): CIFAR-100 split by superclass into 60/20/20 classes, 32x32 RGB."
+    SPLIT_CLASSES = FC100_SPLITS
+
+
+def _load(
+    builder_cls: type[Cifar100Splits],
+    data_dir: os.PathLike | str | None,
+    cache_dir: os.PathLike | str,
+    download: bool,
+    url: str,
+) -> dict[str, FewShotSplit]:
+    dataset = builder_cls.DATASET
+    builder = builder_cls(url=url if download else None, data_dir=os.fspath(cache_dir))
+    folder = Path(data_dir) if data_dir is not None else None
+    if folder is not None and not folder.is_dir():
+        if not download:
+            raise fail(dataset, f"data_dir={str(data_dir)!r} is not a folder; expected one holding {CIFAR100_TARBALL}")
+        folder = None
+    if folder is not None and not download and not builder.is_prepared():
+        find_form(dataset, folder, FORMS)  # a clear error now, rather than tfds' about an empty manual_dir
+    if folder is None and not download and not builder.is_prepared():
+        raise fail(dataset, f"no data_dir given and nothing prepared in {cache_dir}; expected {CIFAR100_TARBALL}")
+    return build_and_read(builder, folder)
+
+
+def load_cifar_fs(
+    data_dir: os.PathLike | str | None,
+    cache_dir: os.PathLike | str,
+    *,
+    download: bool = False,
+    url: str = CIFAR100_URL,
+) -> dict[str, FewShotSplit]:
+    """Build (once, cached by tfds in `cache_dir`) and read back CIFAR-FS: per split "train", "val", "test"
+    a `FewShotSplit` (`images uint8 [N, 32, 32, 3]`, `labels int32 [N]`, `class_names` = fine names [C]).
+
+    Reads `cifar-100-python.tar.gz` (or `cifar-100-python/`) from `data_dir`; with `download=True` and
+    none there, fetches it from `url` (md5 and sha256 checked). `class_major` gives `[C, 600, 32, 32, 3]`.
+    """
+    return _load(CifarFS, data_dir, cache_dir, download, url)
+
+
+def load_fc100(
+    data_dir: os.PathLike | str | None,
+    cache_dir: os.PathLike | str,
+    *,
+    download: bool = False,
+    url: str = CIFAR100_URL,
+) -> dict[str, FewShotSplit]:
+    """As `load_cifar_fs`, for FC100 (60/20/20 classes of 12/4/4 superclasses)."""
+    return _load(FC100, data_dir, cache_dir, download, url)
