@@ -36,7 +36,8 @@ from data import images as image_data
 from data.omniglot import IMAGE_SIZE, MINIMAL_TEST_ALPHABETS, load_omniglot, split_by_alphabet
 from experiments import algorithms as A
 from experiments import cli, evaluation, runtime, session, tracking
-from experiments.config import POSITIVE, Checked, FlagError, algorithm_field, at_least, flag, one_of, section, to_flat
+from experiments.config import (POSITIVE, Checked, FlagError, Rule, algorithm_field, at_least, flag, one_of, section,
+                                to_flat)
 
 DEFAULT_CACHE = Path.home() / ".cache" / "maml_jax" / "tfds"
 BATCHINGS = {"map": maml.Map(), "vmap": maml.Vmap(), "unroll": maml.Unroll()}
@@ -146,12 +147,12 @@ class Data(Checked):
         return evaluation.Episodes(self.ways, self.shots, self.queries, self.source.rotate)
 
 
-def _conv4(channels: int, ways: int, image_size: int, filters: int, key: jax.Array):
-    return maml.nn.Conv4(channels, ways, filters, image_size, key=key)
+def _conv4(model: "Model", channels: int, ways: int, image_size: int, key: jax.Array):
+    return maml.nn.Conv4(channels, ways, model.filters, image_size, key=key)
 
 
-def _resnet12(channels: int, ways: int, image_size: int, filters: int, key: jax.Array):
-    return maml.nn.ResNet12(channels, ways, key=key)
+def _resnet12(model: "Model", channels: int, ways: int, image_size: int, key: jax.Array):
+    return maml.nn.ResNet12(channels, ways, model.widths, key=key)
 
 
 BACKBONES = {"conv4": _conv4, "resnet12": _resnet12}
@@ -165,12 +166,13 @@ class Model(Checked):
                          rule=one_of(BACKBONES))
     filters: Optional[int] = flag(None, "Conv4 filters per layer (default: 64 on Omniglot, 32 on the others, as "
                                         "Finn et al. 2017)", rule=POSITIVE)
+    widths: tuple[int, ...] = flag((64, 160, 320, 640), "ResNet-12 block widths (MetaOptNet's; some papers use "
+                                   "64,128,256,512)", rule=Rule(lambda v: len(v) == 4 and min(v) >= 1,
+                                                                "four positive widths"))
     batching: str = flag("map", "how tasks are batched in the step: " + ", ".join(BATCHINGS), rule=one_of(BATCHINGS))
 
     def build(self, data: Data, key: jax.Array):
-        source = data.source
-        return BACKBONES[self.backbone](source.channels, data.ways, source.image_size, self.filters or source.filters,
-                                        key)
+        return BACKBONES[self.backbone](self, data.source.channels, data.ways, data.source.image_size, key)
 
 
 @dataclass(frozen=True)

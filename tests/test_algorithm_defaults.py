@@ -99,13 +99,15 @@ def test_the_readme_lists_each_algorithms_defaults():
     import shlex
     from pathlib import Path
 
-    from experiments import omniglot
+    from experiments import fewshot, omniglot
 
     section = (Path(__file__).resolve().parents[1] / "README.md").read_text().split("## Algorithms", 1)[1]
-    rows = re.findall(r"^\| `(\w+)` \| `([^`]*)` \| `([^`]*)` \| `([^`]*)` \|", section.split("\n## ", 1)[0], re.M)
+    rows = re.findall(r"^\| `(\w+)` \| `([^`]*)` \| `([^`]*)` \| `([^`]*)` \| `([^`]*)` \|", section.split("\n## ", 1)[0],
+                      re.M)
     assert [r[0] for r in rows] == list(algorithms.NAMES)
     settings = ((sinusoid.CONFIG, sinusoid.algorithms, []), (omniglot.CONFIG, omniglot.algorithms, ["--data-dir", "x"]),
-                (omniglot.CONFIG, omniglot.algorithms, ["--data-dir", "x", "--ways", "20"]))
+                (omniglot.CONFIG, omniglot.algorithms, ["--data-dir", "x", "--ways", "20"]),
+                (fewshot.CONFIG, fewshot.algorithms, ["--data-dir", "x", "--dataset", "mini_imagenet"]))
     for name, *cells in rows:
         for (cls, registry, extra), cell in zip(settings, cells):
             listed = cli.parse(cls, [*extra, "--algorithm", name, *shlex.split(cell)], registry).algorithm

@@ -65,9 +65,11 @@ def results_ok(results: dict) -> bool:
 
 
 def test_resnet12_backbone_runs(cifar, tmp_path):
-    results = fewshot.main([*cifar, *SMALL, "--backbone", "resnet12", "--iterations", "1", "--val-every", "1",
-                            "--eval-tasks", "4", "--out", str(tmp_path / "r")])
+    results = fewshot.main([*cifar, *SMALL, "--backbone", "resnet12", "--widths", "4,6,8,10", "--inner-steps", "1",
+                            "--eval-steps", "1", "--iterations", "1", "--val-every", "1", "--eval-tasks", "4",
+                            "--out", str(tmp_path / "r")])
     assert results["meta_iterations"] == 1 and 0 <= results["test_accuracy"] <= 1
+    assert results["config"]["backbone"] == "resnet12" and results["config"]["widths"] == [4, 6, 8, 10]
 
 
 def one_line_error(capsys, argv) -> str:
