@@ -77,27 +77,15 @@ class Model(Checked):
 
 
 @dataclass(frozen=True)
-class Training(Checked):
+class Training(fewshot.Training):
     """Meta-training, validation and checkpoints."""
 
     meta_batch: int = flag(32, "tasks per meta-iteration", rule=POSITIVE)
-    iterations: int = flag(60_000, "meta-iterations", rule=POSITIVE, resumable=True)
-    max_minutes: Optional[float] = flag(None, "stop training at the first validation after this many minutes",
-                                        rule=POSITIVE, resumable=True)
-    seed: int = flag(0, "random seed (model init, tasks)")
-    steps_per_call: int = flag(10, "meta-iterations per compiled call (lax.scan)", rule=POSITIVE)
-    val_every: int = flag(500, "validate and checkpoint every N meta-iterations", rule=POSITIVE)
-    val_tasks: int = flag(100, "validation tasks", rule=POSITIVE, resumable=True)
-    skip_nonfinite: int = flag(0, "skip meta-steps with a NaN/inf meta-loss or meta-gradient, up to N in a row "
-                                  "(optax.apply_if_finite; counted in results.json); 0: stop the run at the first",
-                               rule=at_least(0))
 
 
 @dataclass(frozen=True)
-class Evaluation(Checked):
+class Evaluation(fewshot.Evaluation):
     """The final evaluation on the meta-test alphabets (and the adaptation at validation)."""
-
-    eval_tasks: int = flag(600, "held-out test tasks of the final evaluation", rule=POSITIVE, resumable=True)
 
 
 @dataclass(frozen=True)

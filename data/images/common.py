@@ -328,6 +328,31 @@ def pick_config(
     )
 
 
+def load_form(
+    dataset: str,
+    builder_cls: type[ImageSplitsBuilder],
+    data_dir: os.PathLike | str | None,
+    cache_dir: os.PathLike | str,
+    forms: Mapping[str, Mapping[str, Sequence[str]]],
+    form: str | None,
+) -> dict[str, FewShotSplit]:
+    """Build (once) and read back `builder_cls` from the source `form` (one of `forms`; None: the one found in
+    `data_dir`, or with no `data_dir` the one already prepared in `cache_dir`)."""
+    if form is not None and form not in forms:
+        raise fail(dataset, f"form={form!r}; expected one of {tuple(forms)}")
+    chosen = forms if form is None else {form: forms[form]}
+    config, folder = pick_config(dataset, builder_cls, data_dir, cache_dir, chosen)
+    return build_and_read(builder_cls(config=config, data_dir=os.fspath(cache_dir)), folder)
+
+
+def form_paths(dataset: str, manual: Path | None, form: str, roles: Mapping[str, Sequence[str]],
+               expected: str) -> dict[str, Path]:
+    """The files of source `form` (role -> candidate names) in the builder's manual folder; one line if absent."""
+    if manual is None:
+        raise fail(dataset, f"no data folder given (manual_dir); expected one with {expected}")
+    return find_form(dataset, manual, {form: roles})[1]
+
+
 def class_major(
     split: FewShotSplit, per_class: int | None = None
 ) -> tuple[UInt8[np.ndarray, "C n H W 3"], Shaped[np.ndarray, " C"]]:

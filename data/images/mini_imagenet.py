@@ -26,16 +26,15 @@ from data.images.common import (
     ImageSplitsBuilder,
     PreparedSplit,
     as_text,
-    build_and_read,
     check_not_html,
     check_splits,
     decode_image,
     fail,
-    find_form,
+    form_paths,
+    load_form,
     get_key,
     grouped_split,
     load_pickle,
-    pick_config,
 )
 
 DATASET = "mini_imagenet"
@@ -134,11 +133,7 @@ class MiniImageNet(ImageSplitsBuilder, skip_registration=True):
 
     def _prepare(self, manual: Path | None, dl_manager) -> dict[str, PreparedSplit]:
         form = self.builder_config.name
-        if manual is None:
-            raise fail(
-                DATASET, f"no data folder given (manual_dir); expected one with {', '.join(FORMS[form]['train'])}"
-            )
-        _, paths = find_form(DATASET, manual, {form: FORMS[form]})
+        paths = form_paths(DATASET, manual, form, FORMS[form], ", ".join(FORMS[form]["train"]))
         if form == "pickles":
             splits = {s: read_cache_pickle(paths[s]) for s in SPLITS}
         else:
@@ -156,12 +151,4 @@ def load_mini_imagenet(
     `form` ("pickles" or "jpeg") defaults to the one found in `data_dir` (pickles first); with
     `data_dir=None`, a form already prepared in `cache_dir` is read. `class_major` gives `[C, 600, 84, 84, 3]`.
     """
-    forms = FORMS if form is None else {form: _known(form)}
-    config, folder = pick_config(DATASET, MiniImageNet, data_dir, cache_dir, forms)
-    return build_and_read(MiniImageNet(config=config, data_dir=os.fspath(cache_dir)), folder)
-
-
-def _known(form: str) -> dict[str, tuple[str, ...]]:
-    if form not in FORMS:
-        raise fail(DATASET, f"form={form!r}; expected one of {tuple(FORMS)}")
-    return FORMS[form]
+    return load_form(DATASET, MiniImageNet, data_dir, cache_dir, FORMS, form)

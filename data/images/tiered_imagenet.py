@@ -34,17 +34,16 @@ from data.images.common import (
     ImageSplitsBuilder,
     PreparedSplit,
     as_text,
-    build_and_read,
     check_not_html,
     check_pickle_complete,
     check_splits,
     decode_image,
     fail,
-    find_form,
+    form_paths,
+    load_form,
     get_key,
     grouped_split,
     load_pickle,
-    pick_config,
 )
 
 DATASET = "tiered_imagenet"
@@ -225,11 +224,7 @@ class TieredImageNet(ImageSplitsBuilder, skip_registration=True):
 
     def _prepare(self, manual: Path | None, dl_manager) -> dict[str, PreparedSplit]:
         form = self.builder_config.name
-        if manual is None:
-            raise fail(
-                DATASET, f"no data folder given (manual_dir); expected one with {FORMS[form]['train_images'][0]}"
-            )
-        _, paths = find_form(DATASET, manual, {form: FORMS[form]})
+        paths = form_paths(DATASET, manual, form, FORMS[form], FORMS[form]["train_images"][0])
         pairs = {s: prepare_split(s, form, paths[f"{s}_images"], paths[f"{s}_labels"]) for s in SPLITS}
         splits = {s: p for s, (p, _) in pairs.items()}
         check_splits(DATASET, splits, CLASSES, identities={s: ids for s, (_, ids) in pairs.items()})
@@ -246,8 +241,4 @@ def load_tiered_imagenet(
     `form` ("png" or "npz") defaults to the one found in `data_dir` (png first); with `data_dir=None`, a
     form already prepared in `cache_dir` is read. The png pickles are read whole (several GB for "train").
     """
-    if form is not None and form not in FORMS:
-        raise fail(DATASET, f"form={form!r}; expected one of {tuple(FORMS)}")
-    forms = FORMS if form is None else {form: FORMS[form]}
-    config, folder = pick_config(DATASET, TieredImageNet, data_dir, cache_dir, forms)
-    return build_and_read(TieredImageNet(config=config, data_dir=os.fspath(cache_dir)), folder)
+    return load_form(DATASET, TieredImageNet, data_dir, cache_dir, FORMS, form)
