@@ -78,18 +78,35 @@ class RssPeak:
         self.growth = self.peak - self.base
 
 
-def check_peer(w: Workload, peer_cls, model, tol: float = 1e-6) -> float:
-    """Relative error of the peer's float64 meta-gradient against ours on 2 tasks; raises if above `tol`."""
+def _two_tasks(w: Workload) -> tuple[Workload, dict]:
+    small = dataclasses.replace(w, meta_batch=2)
+    return small, synthetic_batch(small, seed=1, dtype=np.float64)
+
+
+def ours_meta_grad(w: Workload, model, precision: str = "float64", batching=None) -> dict[str, np.ndarray]:
+    """Our mean meta-gradient on 2 tasks of `w` in `precision` ("float64" or "float32"; JAX's default device),
+    under torch's names and layouts."""
+    small, batch = _two_tasks(w)
+    with jax.enable_x64(precision == "float64"):
+        return Ours(small, model, batch, batching, dtype=jnp.dtype(precision)).meta_grad()
+
+
+def peer_meta_grad(w: Workload, peer_cls, model, precision: str = "float64", device: str = "cpu") -> dict[str, np.ndarray]:
+    """The peer's mean meta-gradient on the same 2 tasks and parameters as `ours_meta_grad`, on torch `device`."""
     import torch
 
-    small = dataclasses.replace(w, meta_batch=2)
-    batch = synthetic_batch(small, seed=1, dtype=np.float64)
-    with jax.enable_x64(True):
-        ours = Ours(small, model, batch, dtype=jnp.float64).meta_grad()
-    theirs = peer_cls(small, torch_params(model, w), batch, dtype=torch.float64).meta_grad()
+    small, batch = _two_tasks(w)
+    return peer_cls(small, torch_params(model, w), batch, dtype=getattr(torch, precision), device=device).meta_grad()
+
+
+def relative_error(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> float:
     num = sum(float(np.sum((ours[k] - theirs[k]) ** 2)) for k in ours)
-    den = sum(float(np.sum(ours[k] ** 2)) for k in ours)
-    err = (num / den) ** 0.5
+    return (num / sum(float(np.sum(ours[k] ** 2)) for k in ours)) ** 0.5
+
+
+def check_peer(w: Workload, peer_cls, model, tol: float = 1e-6) -> float:
+    """Relative error of the peer's float64 meta-gradient against ours on 2 tasks; raises if above `tol`."""
+    err = relative_error(ours_meta_grad(w, model), peer_meta_grad(w, peer_cls, model))
     if not err < tol:
         raise RuntimeError(f"{peer_cls.__name__} on {w.name}: meta-gradient relative error {err:.2e} > {tol}")
     return err
@@ -125,7 +142,7 @@ def run_workload(w: Workload, impls, repeats: int, check: bool, log) -> list[dic
     mem = {}
     for name, r in runners.items():  # warm-up (compilation) and memory
         if name == "ours":
-            r.step(), r.block()
+            r.step(), r.sync()
             mem[name] = r.peak_bytes()
         else:
             with RssPeak() as p:
@@ -137,8 +154,7 @@ def run_workload(w: Workload, impls, repeats: int, check: bool, log) -> list[dic
         for name, r in runners.items():
             t, c = time.perf_counter(), time.process_time()
             r.step()
-            if name == "ours":
-                r.block()
+            r.sync()
             times[name].append((time.perf_counter() - t) / getattr(r, "steps_per_call", 1))
             cpu[name].append((time.process_time() - c) / getattr(r, "steps_per_call", 1))
     for name in runners:

@@ -18,18 +18,18 @@ from .workloads import Workload
 
 
 def default_batching(w: Workload) -> maml.AbstractBatching:
-    """The fastest batching we measured for the workload on CPU (see benchmarks/RESULTS.md): `Vmap` for
-    the MLP; `Map` (one task at a time) for Conv4: 1.8x the tasks per CPU-second of `Vmap` at meta-batch
-    32 and 171 MB peak instead of 4.8 GB."""
+    """The library's default for the workload on this backend: `Vmap` for the MLP; for Conv4
+    `maml.convolution_batching` (`Map` on CPU, `Vmap` on accelerators)."""
     if w.model == "mlp":
         return maml.Vmap()
-    return maml.Map()
+    return maml.convolution_batching(jax.default_backend())
 
 
-def build_model(w: Workload, key=None):
+def build_model(w: Workload, key=None, conv: maml.nn.AbstractConv3x3 = maml.nn.Im2Col()):
+    """The workload's model (Conv4 with the convolution form `conv`, the library's default `Im2Col`)."""
     key = jax.random.PRNGKey(0) if key is None else key
     if w.model == "conv4":
-        return maml.nn.Conv4(w.channels, w.ways, w.filters, w.image_size, key=key)
+        return maml.nn.Conv4(w.channels, w.ways, w.filters, w.image_size, conv=conv, key=key)
     return maml.nn.MLP(1, 1, (40, 40), key=key)
 
 
@@ -93,10 +93,10 @@ class Ours:
         return self._compiled
 
     def step(self):
-        self.state, metrics = self._step(self.state, self.tasks)
+        self.state, metrics = self.compiled()(self.state, self.tasks)
         return metrics
 
-    def block(self):
+    def sync(self):
         jax.block_until_ready(self.state)
 
     def meta_grad(self) -> dict[str, np.ndarray]:

@@ -41,6 +41,13 @@ from experiments.config import (POSITIVE, Checked, FlagError, Rule, algorithm_fi
 
 DEFAULT_CACHE = Path.home() / ".cache" / "maml_jax" / "tfds"
 BATCHINGS = {"map": maml.Map(), "vmap": maml.Vmap(), "unroll": maml.Unroll()}
+BATCHING_HELP = ("how tasks are batched in the step: " + ", ".join(BATCHINGS) +
+                 " (default: the backend's, map on CPU and vmap on GPU/TPU; maml.convolution_batching)")
+
+
+def batching(name: Optional[str], platform: str) -> maml.AbstractBatching:
+    """`--batching`'s value, or where it is unset the measured default for convolutions on `platform`."""
+    return maml.convolution_batching(platform) if name is None else BATCHINGS[name]
 
 
 class Splits(NamedTuple):
@@ -169,7 +176,7 @@ class Model(Checked):
     widths: tuple[int, ...] = flag((64, 160, 320, 640), "ResNet-12 block widths (MetaOptNet's; some papers use "
                                    "64,128,256,512)", rule=Rule(lambda v: len(v) == 4 and min(v) >= 1,
                                                                 "four positive widths"))
-    batching: str = flag("map", "how tasks are batched in the step: " + ", ".join(BATCHINGS), rule=one_of(BATCHINGS))
+    batching: Optional[str] = flag(None, BATCHING_HELP, rule=one_of(BATCHINGS))
 
     def build(self, data: Data, key: jax.Array):
         return BACKBONES[self.backbone](self, data.source.channels, data.ways, data.source.image_size, key)
@@ -374,7 +381,8 @@ def test(config: Any, splits: Splits, algo: A.Algorithm, model, key: jax.Array) 
             "test_steps": steps[-1], "test_by_steps": by_steps, **extra, "notes": notes}
 
 
-def summary(config: Any, splits: Splits, result: maml.FitResult, tested: dict, clock: session.Clock) -> dict:
+def summary(config: Any, splits: Splits, result: maml.FitResult, tested: dict, clock: session.Clock,
+            batched: maml.AbstractBatching) -> dict:
     state = result.state
     return {
         **tested, "params_sha256": maml.params_sha256(state.model), "meta_iterations": int(state.step),
@@ -383,7 +391,7 @@ def summary(config: Any, splits: Splits, result: maml.FitResult, tested: dict, c
         splits.names_key: list(splits.test_names),
         splits.counts_key: {"train": len(splits.train), "validation": 0 if splits.val is None else len(splits.val),
                     "test": len(splits.test)},
-        "config": to_flat(config), "devices": [str(d) for d in jax.devices()]}
+        "config": to_flat(config), "devices": [str(d) for d in jax.devices()], "batching": str(batched)}
 
 
 def run_experiment(config: Any, built: Setup, splits: Splits, *, job: str) -> dict:
@@ -391,7 +399,8 @@ def run_experiment(config: Any, built: Setup, splits: Splits, *, job: str) -> di
     results.json (what experiments.fewshot and experiments.omniglot do after building their values)."""
     algo, state, eval_key = built
     tr = config.training
-    step = runtime.train_step(config.runtime, algo, batching=BATCHINGS[config.model.batching], meta_batch=tr.meta_batch)
+    batched = batching(config.model.batching, jax.default_backend())
+    step = runtime.train_step(config.runtime, algo, batching=batched, meta_batch=tr.meta_batch)
     sampler = config.data.episodes.sampler(splits.train, tr.meta_batch)
     chunks = -(-tr.val_every // min(tr.steps_per_call, tr.val_every))  # console: about a line per validation
     with session.run(config, job=job, console_every=chunks + 1) as run:
@@ -403,7 +412,8 @@ def run_experiment(config: Any, built: Setup, splits: Splits, *, job: str) -> di
             hooks = run.hooks(min(tr.steps_per_call, tr.val_every)) + \
                 [validation_hook(run, config, val_images, algo, val_key, clock)] + hooks
         result = train(run, config, state, step, sampler, hooks)
-        results = summary(config, splits, result, test(config, splits, algo, result.state.model, test_key), clock)
+        tested = test(config, splits, algo, result.state.model, test_key)
+        results = summary(config, splits, result, tested, clock, batched)
         run.finish(results, show=("test_accuracy", "test_accuracy_ci95", "test_tasks", "meta_iterations",
                                   "params_sha256"))
         return results

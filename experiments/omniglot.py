@@ -70,7 +70,7 @@ class Model(Checked):
     """Conv4 (batch norm with batch statistics) and how a batch of tasks is mapped in the step."""
 
     filters: int = flag(64, "Conv4 filters per layer", rule=POSITIVE)
-    batching: str = flag("map", "how tasks are batched in the step: " + ", ".join(BATCHINGS), rule=one_of(BATCHINGS))
+    batching: Optional[str] = flag(None, fewshot.BATCHING_HELP, rule=one_of(BATCHINGS))
 
     def build(self, ways: int, key: jax.Array) -> maml.nn.Conv4:
         return maml.nn.Conv4(1, ways, self.filters, IMAGE_SIZE, key=key)

@@ -24,7 +24,7 @@ from .meta import (
     scan_steps,
     with_task_sampler,
 )
-from .batching import AbstractBatching, Map, Unroll, Vmap
+from .batching import AbstractBatching, Map, Unroll, Vmap, convolution_batching
 
 # The MAML family
 from .algorithms.base import AbstractStrategy
@@ -76,7 +76,7 @@ __all__ = sorted([
     "AbstractLearnedRates", "AbstractPerStepModel", "Adaptation", "InnerLoop", "network",
     "MetaTrainState", "adaptation_curve", "init_state", "make_train_step", "meta_loss", "meta_loss_and_aux",
     "meta_value_and_grad", "scan_steps", "with_task_sampler",
-    "AbstractBatching", "Map", "Unroll", "Vmap",
+    "AbstractBatching", "Map", "Unroll", "Vmap", "convolution_batching",
     # the MAML family
     "AbstractStrategy", "AnnealedOrder", "FirstOrder", "SecondOrder", "MultiStepLoss", "cosine_adam", "msl_weights",
     "LearnedLR", "Reptile", "reptile_sgd", "Implicit", "AbstractProximalSolver", "GradientDescent", "HessianFree",

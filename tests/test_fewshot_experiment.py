@@ -9,6 +9,8 @@ import json
 import numpy as np
 import pytest
 
+import maml
+
 from data.images import CIFAR_FS_SPLITS
 from experiments import cli, fewshot
 from test_image_data import write_cifar_tarball
@@ -30,7 +32,11 @@ def _coloured(label: int, k: int) -> np.ndarray:
 def cifar(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cifar")
     write_cifar_tarball(folder / "cifar-100-python.tar.gz", train_per_class=4, test_per_class=2, image=_coloured)
-    return ["--data-dir", str(folder), "--cache-dir", str(tmp_path_factory.mktemp("tfds"))]
+    args = ["--data-dir", str(folder), "--cache-dir", str(tmp_path_factory.mktemp("tfds"))]
+    # Build the tfds cache now, so that no test's stderr depends on being the first to build it.
+    data = cli.parse(fewshot.FewShotConfig, [*args, *SMALL], fewshot.algorithms).data
+    data.source.splits(data.data_dir, data.cache_dir, data.download)
+    return args
 
 
 def test_defaults_resolve_per_dataset(cifar):
@@ -45,12 +51,25 @@ def test_defaults_resolve_per_dataset(cifar):
     assert (omni.algorithm.inner_steps, omni.algorithm.inner_lr, omni.algorithm.eval_steps) == (1, 0.4, (3,))
 
 
+def test_batching_defaults_per_backend_and_the_flag_overrides(cifar):
+    """Unset, --batching is the backend's measured default (Map on CPU, Vmap on accelerators); set, it wins."""
+    config = cli.parse(fewshot.FewShotConfig, [*cifar, "--dataset", "cifar_fs"], fewshot.algorithms)
+    assert config.model.batching is None
+    assert fewshot.batching(config.model.batching, "cpu") == maml.Map()
+    assert fewshot.batching(config.model.batching, "gpu") == fewshot.batching(None, "tpu") == maml.Vmap()
+    chosen = cli.parse(fewshot.FewShotConfig, [*cifar, "--batching", "unroll"], fewshot.algorithms)
+    assert fewshot.batching(chosen.model.batching, "cpu") == fewshot.batching("unroll", "gpu") == maml.Unroll()
+    with pytest.raises(ValueError, match="platform: ''"):
+        maml.convolution_batching("")
+
+
 @pytest.mark.slow
 def test_learns_on_colour_data_and_resumes_to_the_same_parameters(cifar, tmp_path):
     full = fewshot.main([*cifar, *SMALL, "--iterations", "40", "--val-every", "20", "--out", str(tmp_path / "full")])
     assert results_ok(full) and full["test_accuracy"] > 0.6, full["test_accuracy"]  # chance: 0.2
     assert full["test_classes"] == sorted(CIFAR_FS_SPLITS["test"]) and full["classes"] == \
         {"train": 64, "validation": 16, "test": 20}
+    assert full["batching"] == "Map()"  # the CPU default, unasked
     assert full["config"]["meta_batch"] == 4 and full["config"]["inner_steps"] == 5 and full["test_steps"] == 10
     validation = [json.loads(line) for line in (tmp_path / "full" / "validation.jsonl").read_text().splitlines()]
     assert [v["step"] for v in validation] == [20, 40] and all(v["val_accuracy"] > 0.2 for v in validation)

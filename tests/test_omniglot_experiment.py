@@ -227,7 +227,8 @@ for n in (1, 2):
 
 
 def test_two_devices_match_one_device(data_args, tmp_path):
-    """--devices 2 (the sharded step: each device draws and maps its half of the batch, --batching map)
+    """--devices 2 (the sharded step: each device draws and maps its half of the batch, by default with
+    `Map` on CPU)
     ends with the parameters of --devices 1 up to float32 round-off."""
     flags = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
@@ -237,7 +238,8 @@ def test_two_devices_match_one_device(data_args, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     one, two = (json.loads((tmp_path / f"devices{n}" / "results.json").read_text()) for n in (1, 2))
     assert one["meta_iterations"] == two["meta_iterations"] == 3
-    assert one["config"]["devices"] == 1 and two["config"]["devices"] == 2 and one["config"]["batching"] == "map"
+    assert one["config"]["devices"] == 1 and two["config"]["devices"] == 2 and one["config"]["batching"] is None
+    assert one["batching"] == two["batching"] == "Map()"
     (a, init), (b, _) = final_params(tmp_path / "devices1"), final_params(tmp_path / "devices2")
     assert len(a) == len(b) == len(init)
     for i, (x, y) in enumerate(zip(a, b)):

@@ -69,8 +69,9 @@ class MLP(nn.Module):
         return x
 
 
-def build(workload, params: dict[str, np.ndarray], dtype=torch.float32, bn: str = "module") -> nn.Module:
-    """The workload's torch model holding `params` (names as `benchmarks.ours.torch_params` gives)."""
+def build(workload, params: dict[str, np.ndarray], dtype=torch.float32, bn: str = "module",
+          device: str = "cpu") -> nn.Module:
+    """The workload's torch model holding `params` (names as `benchmarks.ours.torch_params` gives), on `device`."""
     if workload.model == "conv4":
         model = Conv4(workload.ways, workload.filters, params["head.weight"].shape[1], bn=bn, channels=workload.channels)
     else:
@@ -81,15 +82,15 @@ def build(workload, params: dict[str, np.ndarray], dtype=torch.float32, bn: str 
     if missing:
         raise ValueError(f"params: names {sorted(missing)} do not match the torch model")
     model.load_state_dict(state)
-    return model
+    return model.to(device)
 
 
 def loss_fn(workload):
     return F.cross_entropy if workload.model == "conv4" else F.mse_loss
 
 
-def tensors(workload, batch: dict[str, np.ndarray], dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """The batch as torch tensors: images NCHW (per task `[B, S, 1, H, W]`), labels int64."""
+def tensors(workload, batch: dict[str, np.ndarray], dtype=torch.float32, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The batch as torch tensors on `device`: images NCHW (per task `[B, S, C, H, W]`), labels int64."""
     out = {}
     for k, v in batch.items():
         if workload.model == "conv4" and k.endswith("_x"):
@@ -98,20 +99,21 @@ def tensors(workload, batch: dict[str, np.ndarray], dtype=torch.float32) -> dict
             out[k] = torch.as_tensor(v).long()
         else:
             out[k] = torch.as_tensor(v).to(dtype)
-    return out
+    return {k: v.to(device) for k, v in out.items()}
 
 
 class TorchPeer:
-    """Common parts: model, batch, Adam; subclasses define `meta_grad_tensors()`."""
+    """Common parts: model, batch, Adam on `device`; subclasses define `accumulate_grads()`."""
 
     bn = "module"
 
-    def __init__(self, workload, params, batch, dtype=torch.float32):
+    def __init__(self, workload, params, batch, dtype=torch.float32, device: str = "cpu"):
         # Tiny MLP steps are dominated by thread synchronisation: one thread is the peers' fastest there.
         torch.set_num_threads(1 if workload.model == "mlp" else (os.cpu_count() or 1))
         self.w = workload
-        self.model = build(workload, params, dtype, bn=self.bn)
-        self.batch = tensors(workload, batch, dtype)
+        self.device = torch.device(device)
+        self.model = build(workload, params, dtype, bn=self.bn, device=device)
+        self.batch = tensors(workload, batch, dtype, device)
         self.loss = loss_fn(workload)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=workload.outer_lr)
 
@@ -124,6 +126,11 @@ class TorchPeer:
         self.opt.zero_grad(set_to_none=True)
         self.accumulate_grads()
         self.opt.step()
+
+    def sync(self):
+        """Wait for the device's queued work (CUDA runs asynchronously)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def meta_grad(self) -> dict[str, np.ndarray]:
         self.model.zero_grad(set_to_none=True)

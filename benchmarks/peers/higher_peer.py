@@ -9,11 +9,11 @@ from .common import TorchPeer
 
 
 class Higher(TorchPeer):
-    def __init__(self, workload, params, batch, dtype=torch.float32):
+    def __init__(self, workload, params, batch, dtype=torch.float32, device="cpu"):
         if not workload.second_order:
             raise NotImplementedError("higher: first-order MAML is not its form (track_higher_grads=False "
                                       "detaches the adapted weights from the initial ones)")
-        super().__init__(workload, params, batch, dtype)
+        super().__init__(workload, params, batch, dtype, device)
         self.inner_opt = torch.optim.SGD(self.model.parameters(), lr=workload.inner_lr)
 
     def accumulate_grads(self):

@@ -37,8 +37,8 @@ from .common import TorchPeer  # noqa: E402
 
 
 class L2L(TorchPeer):
-    def __init__(self, workload, params, batch, dtype=torch.float32):
-        super().__init__(workload, params, batch, dtype)
+    def __init__(self, workload, params, batch, dtype=torch.float32, device="cpu"):
+        super().__init__(workload, params, batch, dtype, device)
         self.maml = l2l.algorithms.MAML(self.model, lr=workload.inner_lr, first_order=not workload.second_order)
 
     def accumulate_grads(self):

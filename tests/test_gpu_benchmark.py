@@ -1,0 +1,64 @@
+"""benchmarks.gpu, the accelerator benchmark, run end to end at tiny sizes on the CPU, so that the device time
+of a GPU machine is spent on a script known to work. With the bench extra (PyTorch, higher, learn2learn) every
+peer's float32 meta-gradient is checked and timed too; without it, ours alone and the peers reported as not
+installed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks import gpu, peers
+from benchmarks.workloads import WORKLOADS
+
+
+def run(tmp_path, *argv) -> tuple[dict, dict]:
+    out = tmp_path / "gpu.json"
+    result = gpu.main(["--small", "--budget-s", "1", "--min-rounds", "2", "--out", str(out), *argv])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))  # strict JSON, as returned
+    info = result["machine"]
+    assert info["precision"] == "highest" and info["f32_matmul_gflop_per_s"] > 0 and info["jax_backend"] == "cpu"
+    return info, {(r["workload"], r["impl"]): r for r in result["rows"]}
+
+
+def check_row(workload: str, impl: str, r: dict) -> None:
+    if "note" in r:  # a peer not installed or not of this form, or a convolution variant on the MLP
+        assert impl != "ours-vmap" and (impl in peers.PEERS or WORKLOADS[workload].model == "mlp"), r
+        return
+    assert r["rounds"] >= 2 and math.isfinite(r["tasks_per_s"]) and r["tasks_per_s"] > 0, r
+    assert r["peak_mem_mb"] >= 0
+    if impl in gpu.OURS:
+        assert 0 < r["share_of_f32_matmul"] < 1 and r["gflop_per_iter"] > 0, r
+    else:  # a timed peer passed its float32 gradient check on the same parameters and data
+        assert r["grad_rel_err"] < 1e-4, r
+
+
+def test_every_workload_with_every_peer(tmp_path, capsys):
+    impls = ["ours-vmap", *peers.PEERS]
+    _, by = run(tmp_path, "--impls", ",".join(impls))
+    assert set(by) == {(w, i) for w in WORKLOADS for i in impls}, "every workload x impl has a row or a note"
+    for (w, impl), r in by.items():
+        check_row(w, impl, r)
+    table = capsys.readouterr().out
+    assert "miniimagenet-5w1s-5step" in table and "f32 share" in table and "wrote " in table
+
+
+def test_every_form_of_ours(tmp_path):
+    """Ours with Map and with LaxConv (the same step, other values) on one workload."""
+    _, by = run(tmp_path, "--workloads", "omniglot-5w1s-1st", "--impls", ",".join(gpu.OURS))
+    assert set(by) == {("omniglot-5w1s-1st", i) for i in gpu.OURS}
+    for (w, impl), r in by.items():
+        assert "note" not in r
+        check_row(w, impl, r)
+
+
+def test_bad_flags_are_one_line_errors(capsys):
+    for argv, match in ((["--workloads", "imagenet"], "--workloads: 'imagenet'; expected names from"),
+                        (["--impls", "torch"], "--impls: 'torch'; expected names from"),
+                        (["--budget-s", "0"], "--budget-s 0.0 and --min-rounds 3: expected positive values")):
+        with pytest.raises(SystemExit):
+            gpu.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert match in err, err
