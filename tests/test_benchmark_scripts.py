@@ -1,5 +1,5 @@
-"""benchmarks.gpu, the accelerator benchmark, run end to end at tiny sizes on the CPU, so that the device time
-of a GPU machine is spent on a script known to work. With the bench extra (PyTorch, higher, learn2learn) every
+"""The benchmark scripts run end to end. benchmarks.gpu, the accelerator benchmark, at tiny sizes on the CPU, so
+that the device time of a GPU machine is spent on a script known to work. With the bench extra (PyTorch, higher, learn2learn) every
 peer's float32 meta-gradient is checked and timed too; without it, ours alone and the peers reported as not
 installed."""
 
@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from benchmarks import gpu, peers
+from benchmarks import gpu, peers, profile_step
 from benchmarks.workloads import WORKLOADS
 
 
@@ -62,3 +62,12 @@ def test_bad_flags_are_one_line_errors(capsys):
             gpu.main(argv)
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert match in err, err
+
+
+def test_profile_of_the_step_names_its_operations(capsys):
+    profile_step.main(["--workload", "sinusoid", "--meta-batch", "2", "--steps", "1", "--top", "5"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("sinusoid, meta-batch 2: ") and "by kind:" in out
+    top = out[1:out.index("by kind:")]
+    assert len(top) == 5 and all(" ms " in line for line in top)
+    assert any("dot" in line for line in out), "the MLP's matmuls are among its operations"
