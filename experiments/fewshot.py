@@ -349,7 +349,7 @@ def train(run: session.Session, config: Any, state: maml.MetaTrainState, step, s
           hooks: Sequence[maml.Hook]) -> maml.FitResult:
     """Meta-train from the run's newest checkpoint; the final state as this process's own copy."""
     tr = config.training
-    state, folder = runtime.resume(state, run.out / "checkpoints" if run.writer else None)
+    state, folder = runtime.resume(state, run.out / "checkpoints")
     result = maml.fit(state, step, sampler, num_steps=tr.iterations, steps_per_call=min(tr.steps_per_call, tr.iterations),
                       checkpointer=maml.Checkpointer(folder, tr.val_every) if folder else None, hooks=hooks,
                       progress=config.progress and run.writer)

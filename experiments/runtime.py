@@ -165,14 +165,15 @@ def train_step(
 
 
 def resume(state: MetaTrainState, checkpoint_dir: Optional[Path]) -> tuple[MetaTrainState, Optional[Path]]:
-    """`(state, checkpoint_dir)` to hand to `maml.fit` on this process.
+    """`(state, checkpoint_dir)` to hand to `maml.fit` on this process; every process calls it with the same
+    `checkpoint_dir` (the run's, or None for training that is not checkpointed).
 
     Single process: unchanged (fit resumes and writes). Several: process 0 keeps the folder (it resumes
     from it and writes); the others get process 0's resumed state broadcast (no shared filesystem
     needed) and no folder, so they never write.
     """
-    if jax.process_count() == 1 or checkpoint_dir is None:
-        return state, checkpoint_dir
+    if jax.process_count() == 1 or checkpoint_dir is None:  # the same decision on every process: all of
+        return state, checkpoint_dir                          # them take part in the broadcast, or none
     from jax.experimental import multihost_utils
 
     if is_writer():

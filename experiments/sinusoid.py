@@ -144,7 +144,7 @@ def setup(config: SinusoidConfig) -> Setup:
 def train(state: maml.MetaTrainState, algo: A.Algorithm, config: SinusoidConfig, *, num_steps: int, run, hooks=(),
           checkpoints: bool = True, desc: str = "meta-train") -> maml.MetaTrainState:
     """Meta-train `state` with `algo` on this run's devices; the final state as this process's own copy."""
-    state, folder = runtime.resume(state, run.out / "checkpoints" if checkpoints and run.writer else None)
+    state, folder = runtime.resume(state, run.out / "checkpoints" if checkpoints else None)
     step = runtime.train_step(config.runtime, algo, meta_batch=config.tasks.meta_batch)
     checkpointer = maml.Checkpointer(folder, config.training.checkpoint_every) if folder else None
     steps_per_call = min(config.training.steps_per_call, num_steps)
