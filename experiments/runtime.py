@@ -59,7 +59,7 @@ class RuntimeConfig:
             raise ValueError(f"--process-id={self.process_id}; expected 0 <= id < --num-processes={self.num_processes or 1}")
         if self.coordinator is not None:
             host, _, port = self.coordinator.rpartition(":")
-            if not host or not port.isdigit():
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"--coordinator={self.coordinator!r}; expected HOST:PORT")
         if (self.num_processes or 1) > 1 and self.coordinator is None and not in_slurm_step():
             raise ValueError(f"--num-processes={self.num_processes} needs --coordinator HOST:PORT (or a SLURM srun step)")
