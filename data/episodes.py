@@ -23,6 +23,10 @@ from maml import Task
 ROTATIONS = 4
 
 
+def _is_integer(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def check_episode_args(images_shape: tuple[int, ...], ways: int, shots: int, queries: int, rotate: bool) -> None:
     """Raise a one-line ValueError unless `images [C, D, H, W]` (or `[C, D, H, W, channels]`) can give
     `ways`-way `shots`+`queries` tasks."""
@@ -33,7 +37,7 @@ def check_episode_args(images_shape: tuple[int, ...], ways: int, shots: int, que
         )
     chars, per_char = images_shape[:2]
     for name, value, low in (("ways", ways, 1), ("shots", shots, 1), ("queries", queries, 0)):
-        if not isinstance(value, (int, np.integer)) or value < low:
+        if not _is_integer(value) or value < low:
             raise ValueError(f"episodes: {name}={value!r}; expected an integer >= {low}")
     classes = chars * (ROTATIONS if rotate else 1)
     if ways > classes:
@@ -103,7 +107,7 @@ def sample_episodes(
     `query_x [B, N*Q, H, W, 1]`, `query_y int32 [B, N*Q]`.
     """
     check_episode_args(tuple(images.shape), ways, shots, queries, rotate)
-    if not isinstance(num_tasks, (int, np.integer)) or num_tasks < 1:
+    if not _is_integer(num_tasks) or num_tasks < 1:
         raise ValueError(f"episodes: num_tasks={num_tasks!r}; expected an integer >= 1")
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(num_tasks, dtype=jnp.int32))
     return jax.vmap(lambda k: sample_episode(k, images, ways, shots, queries, rotate))(keys)
@@ -126,7 +130,7 @@ class EpisodeSampler(eqx.Module):
 
     def __check_init__(self):
         check_episode_args(tuple(self.images.shape), self.ways, self.shots, self.queries, self.rotate)
-        if not isinstance(self.num_tasks, (int, np.integer)) or self.num_tasks < 1:
+        if not _is_integer(self.num_tasks) or self.num_tasks < 1:
             raise ValueError(f"episodes: num_tasks={self.num_tasks!r}; expected an integer >= 1")
 
     @property

@@ -30,6 +30,8 @@ import tensorflow_datasets as tfds
 from jaxtyping import Bool, Int, Shaped, UInt8
 from PIL import Image
 
+from data import cache
+
 IMAGE_SIZE = 28
 IMAGES_PER_CHARACTER = 20
 BASE_URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
@@ -233,7 +235,8 @@ def load_splits(
     download: bool = False,
     base_url: str = BASE_URL,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Build (once, cached by tfds in `cache_dir`) and read back Omniglot, one dict of arrays per split.
+    """Build (once, cached by tfds in `cache_dir`; processes sharing it build once, a corrupt one is rebuilt:
+    `data.cache`) and read back Omniglot, one dict of arrays per split.
 
     `splits` defaults to the zips present in `data_dir`, or with `download=True` and none present, to
     ("background", "evaluation"). Per split: `image uint8 [n, 28, 28]`, `alphabet str [n]`,
@@ -248,11 +251,17 @@ def load_splits(
         if not splits:
             known = ", ".join(i.filename for i in ZIPS.values())
             raise ValueError(f"omniglot: data_dir={str(data_dir)!r} holds none of {known}; expected at least one")
-    builder = OmniglotZips(splits=splits, base_url=base_url if download else None, data_dir=os.fspath(cache_dir))
     manual = os.fspath(data_dir) if data_dir is not None and Path(data_dir).is_dir() else None
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
-    sources = builder.as_data_source()
-    return {split: _data_source_arrays(sources[split]) for split in builder.builder_config.splits}
+
+    def make() -> OmniglotZips:
+        return OmniglotZips(splits=splits, base_url=base_url if download else None, data_dir=os.fspath(cache_dir))
+
+    def read(builder: OmniglotZips) -> dict[str, dict[str, np.ndarray]]:
+        sources = builder.as_data_source()
+        return {split: _data_source_arrays(sources[split]) for split in builder.builder_config.splits}
+
+    return cache.build_and_read(make, tfds.download.DownloadConfig(manual_dir=manual), read, cache_dir=cache_dir,
+                                name=OmniglotZips.name, dataset="omniglot")
 
 
 def merge_splits(per_split: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

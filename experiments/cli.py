@@ -5,27 +5,40 @@ bad input is one line.
 `--reptile-step-size`), `--algorithm NAME` picks the algorithm from the experiment's registry, and a flag of
 another algorithm is a `FlagError`. `--help` shows one group per section, in declaration order, the options
 shared by several algorithms (with each one's default) and a group per algorithm. `run(main)` turns bad input
-into `error: <message>` on stderr and exit status 2. `prepare_out` creates a run folder or checks that the
-one there holds the same run (resume).
+into `error: <message>` on stderr and exit status 2 (3: diverged, 74: a checkpoint could not be written).
+`run_folder` creates a run folder or checks that the one there holds the same run (resume), and locks it
+against a second run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
+import maml
 from experiments import config as cfg
+from experiments import runlock
 from experiments.config import FlagError, Leaf, Registry
 
 C = TypeVar("C")
 
 
+_NUMBER = r"((\d+\.?\d*|\.\d+)(e[+-]?\d+)?|inf|infinity|nan)"
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # after a flag, -1e-3, -.5, -inf or -1,2 is a value (negative numbers), not a flag; argparse knows only
+        # -1 and -0.5 (its private matcher, the one hook it has for this)
+        self._negative_number_matcher = re.compile(rf"^-{_NUMBER}(,\s*-?{_NUMBER})*,?$", re.I)
+
     def error(self, message: str):  # one line, no usage dump
         match = re.match(r"^argument (--[\w-]+)", message)
         message = re.sub(r"^argument (--[\w-]+)(/--[\w-]+)?: (?=\1)", "", message)
@@ -119,40 +132,99 @@ def parse(config_cls: type[C], argv: Optional[Sequence[str]] = None, algorithms:
     return cfg.build(config_cls, vars(args), algorithms, "the command line")
 
 
-def prepare_out(out: str, config: Any) -> Path:
-    """Create the output folder, or check that an existing one holds a run of the same config (resume):
-    the saved config.json must agree with this config on every leaf but the resumable ones."""
+def _folder(out: str) -> Path:
+    """`--out` as a folder, created when absent; one line if it is a file."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise FlagError("--out", f"--out {out!r} is a file; expected a directory (existing or to be created)")
     path.mkdir(parents=True, exist_ok=True)
-    saved = path / "config.json"
-    current = cfg.to_flat(config)
-    if saved.exists():
-        old = json.loads(saved.read_text())
-        ignore = {leaf.key for leaf, _ in cfg.flat_leaves(config) if leaf.resumable}
-        differ = sorted(k for k in set(old) | set(current) if k not in ignore and old.get(k) != current.get(k))
-        if differ:
-            raise FlagError("--out",
-                            f"--out {out!r} holds a run with another config ({', '.join(differ)} differ); "
-                            "use a new --out or the same settings to resume")
-    saved.write_text(json.dumps(current, indent=2))
     return path
+
+
+def _as_flag(leaf: Leaf, value: Any) -> str:
+    """How `value` of `leaf` is typed on the command line: `--hidden 40,40`, `--no-progress`."""
+    if leaf.type is bool:
+        return leaf.flag if value else "--no-" + leaf.flag[2:]
+    shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+    return f"{leaf.flag} {shown}"
+
+
+def check_saved_run(out: str, saved: dict, config: Any) -> Optional[str]:
+    """Check that `saved` (the flat config.json in `--out`) is a run of `config`, which then resumes it: every
+    leaf agrees but the resumable ones. A leaf missing from `saved` (written by a version before the leaf)
+    agrees when this run has the value the leaf declares for its absence (`flag(absent=...)`): the one-line
+    note returned says so (None when nothing is missing). `FlagError` naming the fields otherwise."""
+    current = cfg.to_flat(config)
+    leaves = {leaf.key: leaf for leaf, _ in cfg.flat_leaves(config) if not leaf.resumable}
+    compared = {*leaves, "experiment"} | (saved.keys() - current.keys())  # a field this version dropped differs
+    differ = sorted(k for k in saved if k in compared and saved[k] != current.get(k))
+    if differ:
+        raise FlagError("--out", f"--out {out!r} holds a run with another config ({', '.join(differ)} differ); "
+                                 "use a new --out or the same settings to resume")
+    missing = [leaves[k] for k in leaves if k not in saved]
+    unknown = [leaf.flag for leaf in missing if leaf.absent is cfg.NOT_RECORDED]
+    if unknown:
+        raise FlagError("--out", f"--out {out!r} holds a run of an older version without {', '.join(unknown)}, and no "
+                                 "value is known to reproduce what it did; use a new --out")
+    changed = [leaf for leaf in missing if cfg.to_json(leaf.absent) != current[leaf.key]]
+    if changed:
+        raise FlagError("--out", f"--out {out!r} holds a run of an older version without "
+                                 f"{', '.join(leaf.flag for leaf in changed)}, which ran as "
+                                 f"{' '.join(_as_flag(leaf, leaf.absent) for leaf in changed)}; pass that to resume "
+                                 "it, or use a new --out")
+    if missing:
+        return (f"note: --out {out!r} holds a run of an older version without "
+                f"{', '.join(leaf.flag for leaf in missing)}; resuming with "
+                f"{' '.join(_as_flag(leaf, leaf.absent) for leaf in missing)}, which is what it did")
+    return None
+
+
+def _read_config(out: str, path: Path) -> dict:
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FlagError("--out", f"--out {out!r}: {path.name} is not valid JSON ({e}); expected a run's config "
+                                 "(use a new --out)") from None
+    if not isinstance(saved, dict):
+        raise FlagError("--out", f"--out {out!r}: {path.name} holds a {type(saved).__name__}; expected a run's config "
+                                 "(use a new --out)")
+    return saved
+
+
+@contextlib.contextmanager
+def run_folder(out: str, config: Any) -> Iterator[Path]:
+    """The output folder of `config`'s run while the block runs: created, or checked to hold a run of the same
+    config (`check_saved_run`: then it resumes), and locked against other runs (experiments/runlock.py:
+    a second run on it stops at once, naming this one). config.json is written atomically."""
+    path = _folder(out)
+    with runlock.held(path):
+        saved = path / "config.json"
+        if saved.exists():
+            note = check_saved_run(out, _read_config(out, saved), config)
+            if note:
+                print(note, file=sys.stderr)
+        maml.atomic_write_bytes(saved, json.dumps(cfg.to_flat(config), indent=2).encode())
+        yield path
+
+
+EXIT_IO = 74  # sysexits.h EX_IOERR
 
 
 def run(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> None:
     """Call `main(argv)`; bad input (ValueError) becomes one line `error: ...` on stderr and exit status 2;
-    a divergence is one line and status 3; a SIGTERM / Ctrl-C after checkpointing, 128 + the signal."""
-    from maml import Diverged, Interrupted
-
+    a divergence is one line and status 3; a checkpoint that cannot be written (a full disk) one line and
+    status 74; a SIGTERM / Ctrl-C after checkpointing, 128 + the signal."""
     try:
         main(argv)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except Diverged as e:
+    except maml.Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
-    except Interrupted as e:
+    except maml.CheckpointWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_IO)
+    except maml.Interrupted as e:
         print(str(e), file=sys.stderr)
         sys.exit(128 + e.signum)

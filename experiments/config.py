@@ -9,11 +9,14 @@ name and the field (`reptile_step_size`); options shared through a base class ke
 parameters and the command line (experiments/cli.py, `--reptile-step-size`) use.
 
 Dataclasses inheriting `Checked` check each leaf's `rule` when built; errors about one flag are `FlagError`s.
+A leaf added after runs were written may declare `absent`: the value that a config.json without it stands for
+(what the older version did), so that such a run resumes (experiments/cli.py, `check_saved_run`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import typing
 from typing import Any, Callable, Mapping, NamedTuple, Optional, TypeVar
@@ -55,8 +58,16 @@ def _integer(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-POSITIVE = Rule(_all(lambda x: x > 0), "a positive number")
-NON_NEGATIVE = Rule(_all(lambda x: x >= 0), ">= 0")
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+POSITIVE = Rule(_all(lambda x: _finite(x) and x > 0), "a positive number")
+NON_NEGATIVE = Rule(_all(lambda x: _finite(x) and x >= 0), ">= 0")
+SEED = Rule(lambda v: _integer(v) and 0 <= v < 2 ** 32, "an integer in [0, 2**32)")
+"""A PRNG seed: JAX keeps 32 bits (larger seeds would alias smaller ones, or overflow)."""
+NOT_RECORDED = object()
+"""The `absent` of a leaf for which no value is known to reproduce the versions before it (the default)."""
 
 
 def at_least(low: int, note: str = "") -> Rule:
@@ -69,11 +80,14 @@ def one_of(choices: typing.Iterable[str]) -> Rule:
     return Rule(lambda v: v in choices, "one of " + ", ".join(choices))
 
 
-def flag(default: Any, help: str, *, rule: Optional[Rule] = None, resumable: bool = False) -> Any:
+def flag(default: Any, help: str, *, rule: Optional[Rule] = None, resumable: bool = False,
+         absent: Any = NOT_RECORDED) -> Any:
     """A config leaf with a default, the help text its `--flag` shows, and the `rule` its value must meet;
     `resumable` leaves (budgets, evaluation sizes, progress bars...) may differ between a run and its
-    resumption."""
-    return dataclasses.field(default=default, metadata={"help": help, "rule": rule, "resumable": resumable})
+    resumption. `absent`: for a leaf added later, the value that reproduces what versions before it did
+    (a run folder whose config.json lacks the leaf resumes when this run has that value)."""
+    return dataclasses.field(default=default, metadata={"help": help, "rule": rule, "resumable": resumable,
+                                                        "absent": absent})
 
 
 def section(cls: type) -> Any:
@@ -121,6 +135,7 @@ class Leaf(NamedTuple):
     default: Any
     help: str
     resumable: bool
+    absent: Any = NOT_RECORDED
 
     @property
     def flag(self) -> str:
@@ -143,7 +158,8 @@ def fields_of(cls: type) -> list[tuple[dataclasses.Field, Any]]:
 
 
 def _leaf(key: str, f: dataclasses.Field, tp: Any, path: tuple[str, ...], owner: type, default: Any) -> Leaf:
-    return Leaf(key, f.name, path, owner, tp, default, f.metadata.get("help", ""), f.metadata.get("resumable", False))
+    return Leaf(key, f.name, path, owner, tp, default, f.metadata.get("help", ""), f.metadata.get("resumable", False),
+                f.metadata.get("absent", NOT_RECORDED))
 
 
 def leaves(cls: type, path: tuple[str, ...] = ()) -> list[Leaf]:
@@ -228,17 +244,36 @@ def build(cls: type[C], given: Mapping[str, Any], algorithms: Optional[Registry]
     return cls(**values)
 
 
-def _from_json(leaf: Leaf, value: Any) -> Any:
-    """A config.json value back to the leaf's type (lists are tuples)."""
-    types = (leaf.type, *typing.get_args(leaf.type))
-    return tuple(value) if isinstance(value, list) and any(typing.get_origin(t) is tuple for t in types) else value
+def _json_fits(tp: Any, value: Any) -> bool:
+    """Whether a JSON value is one of type `tp` (int, float, str, bool, Optional[...], tuple[X, ...])."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        return any(_json_fits(a, value) for a in args)
+    if origin is tuple:
+        return isinstance(value, list) and all(_json_fits(args[0], v) for v in value)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+
+
+def _from_json(leaf: Leaf, value: Any, where: str) -> Any:
+    """A config.json value back to the leaf's type (lists are tuples); `FlagError` if it is not of that type."""
+    if not _json_fits(leaf.type, value):
+        expected = getattr(leaf.type, "__name__", None) or str(leaf.type).replace("typing.", "")
+        raise FlagError(leaf.flag, f"{where}: {leaf.key}={value!r}; expected {expected}")
+    return tuple(value) if isinstance(value, list) else value
 
 
 def from_flat(cls: type[C], flat: Mapping[str, Any], algorithms: Optional[Registry] = None,
               where: str = "config.json") -> C:
-    """A config from its flat form (`to_flat`, e.g. a run's config.json)."""
+    """A config from its flat form (`to_flat`, e.g. a run's config.json); a value of the wrong type is a
+    `FlagError` naming it."""
     known = all_leaves(cls, algorithms)
-    given = {k: (_from_json(known[k], v) if k in known else v) for k, v in flat.items() if k != "experiment"}
+    given = {k: (_from_json(known[k], v, where) if k in known else v) for k, v in flat.items() if k != "experiment"}
     return build(cls, given, algorithms, where)
 
 
@@ -259,8 +294,13 @@ def flat_leaves(config: Any) -> list[tuple[Leaf, Any]]:
     return out
 
 
+def to_json(value: Any) -> Any:
+    """A leaf value as config.json holds it (tuples as lists)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 def to_flat(config: Any) -> dict[str, Any]:
     """The config as flat JSON values by key (tuples as lists): config.json, wandb's config. The experiment's
     name comes first (`experiment`: the root class's `experiment` attribute) when it has one."""
     head = {"experiment": type(config).experiment} if hasattr(type(config), "experiment") else {}
-    return {**head, **{leaf.key: list(v) if isinstance(v, tuple) else v for leaf, v in flat_leaves(config)}}
+    return {**head, **{leaf.key: to_json(v) for leaf, v in flat_leaves(config)}}

@@ -45,7 +45,7 @@ from jax.flatten_util import ravel_pytree
 
 import maml
 from experiments import cli, evaluation, runs, spectra, tracking
-from experiments.config import POSITIVE, Checked, FlagError, at_least, flag, section, to_flat
+from experiments.config import POSITIVE, SEED, Checked, FlagError, at_least, flag, section, to_flat
 
 # Defaults of the cost settings per run type (a flag given on the command line wins).
 DEFAULTS = {
@@ -80,7 +80,7 @@ class Budget(Checked):
     probes: Optional[int] = flag(None, "SLQ probe vectors per density (" + _per_type("probes") + ")", rule=POSITIVE)
     slq_iters: Optional[int] = flag(None, "Lanczos steps per SLQ probe (" + _per_type("slq_iters") + ")",
                                     rule=POSITIVE)
-    seed: int = flag(1234, "random seed (tasks, probes)")
+    seed: int = flag(1234, "random seed (tasks, probes)", rule=SEED)
     batch_meta: bool = flag(True, "also the top-k and trace of the batch-mean meta-objective (on Conv4 its HVP "
                                   "program is about a third of the compile time; --no-batch-meta skips it)")
 

@@ -36,8 +36,8 @@ from data import images as image_data
 from data.omniglot import IMAGE_SIZE, MINIMAL_TEST_ALPHABETS, load_omniglot, split_by_alphabet
 from experiments import algorithms as A
 from experiments import cli, evaluation, runtime, session, tracking
-from experiments.config import (POSITIVE, Checked, FlagError, Rule, algorithm_field, at_least, flag, one_of, section,
-                                to_flat)
+from experiments.config import (POSITIVE, SEED, Checked, FlagError, Rule, algorithm_field, at_least, flag, one_of,
+                                section, to_flat)
 
 DEFAULT_CACHE = Path.home() / ".cache" / "maml_jax" / "tfds"
 BATCHINGS = {"map": maml.Map(), "vmap": maml.Vmap(), "unroll": maml.Unroll()}
@@ -191,13 +191,13 @@ class Training(Checked):
     iterations: int = flag(60_000, "meta-iterations", rule=POSITIVE, resumable=True)
     max_minutes: Optional[float] = flag(None, "stop training at the first validation after this many minutes",
                                         rule=POSITIVE, resumable=True)
-    seed: int = flag(0, "random seed (model init, tasks)")
+    seed: int = flag(0, "random seed (model init, tasks)", rule=SEED)
     steps_per_call: int = flag(10, "meta-iterations per compiled call (lax.scan)", rule=POSITIVE)
     val_every: int = flag(500, "validate and checkpoint every N meta-iterations", rule=POSITIVE)
     val_tasks: int = flag(100, "validation tasks", rule=POSITIVE, resumable=True)
     skip_nonfinite: int = flag(0, "skip meta-steps with a NaN/inf meta-loss or meta-gradient, up to N in a row "
                                   "(optax.apply_if_finite; counted in results.json); 0: stop the run at the first",
-                               rule=at_least(0))
+                               rule=at_least(0), absent=0)  # runs from before the flag trained as 0 does
 
 
 @dataclass(frozen=True)
@@ -356,7 +356,7 @@ def train(run: session.Session, config: Any, state: maml.MetaTrainState, step, s
           hooks: Sequence[maml.Hook]) -> maml.FitResult:
     """Meta-train from the run's newest checkpoint; the final state as this process's own copy."""
     tr = config.training
-    state, folder = runtime.resume(state, run.out / "checkpoints" if run.writer else None)
+    state, folder = runtime.resume(state, run.out / "checkpoints")
     result = maml.fit(state, step, sampler, num_steps=tr.iterations, steps_per_call=min(tr.steps_per_call, tr.iterations),
                       checkpointer=maml.Checkpointer(folder, tr.val_every) if folder else None, hooks=hooks,
                       progress=config.progress and run.writer)

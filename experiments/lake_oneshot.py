@@ -119,22 +119,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise FlagError("--inner-lr", f"--inner-lr={config.inner_lr} with a --algorithm={run.config.algorithm.name} "
                                       "run: its inner rates are meta-learned; drop the flag")
     model, head = with_head(run.state.model, lake.train_images.shape[1], config.head)
-    out = cli.prepare_out(config.out, config)
-    inner = run.algo.inner.with_steps(config.inner_steps or run.config.algorithm.eval_steps[-1])
-    if config.inner_lr is not None:
-        inner = dataclasses.replace(inner, lr=config.inner_lr)
-    wrong = np.stack([np.asarray(predict(model, inner, run.algo.evaluation, _as_input(tr), _as_input(te))) != labels
-                      for tr, te, labels in zip(lake.train_images, lake.test_images, lake.test_labels)])
-    results = {
-        "error_rate": float(wrong.mean()),
-        "per_run_error": {name: float(w.mean()) for name, w in zip(lake.names, wrong)},
-        "items": int(wrong.size), "head": head, "inner_steps": inner.steps,
-        "inner_lr": "learned" if learned else inner.lr, "algorithm": run.config.algorithm.name,
-        "checkpoint_step": run.step, "params_sha256": maml.params_sha256(model),
-        "run_config": to_flat(run.config), "config": to_flat(config),
-    }
-    maml.atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
-    print(json.dumps({k: results[k] for k in ("error_rate", "items", "head", "checkpoint_step")}))
+    with cli.run_folder(config.out, config) as out:
+        inner = run.algo.inner.with_steps(config.inner_steps or run.config.algorithm.eval_steps[-1])
+        if config.inner_lr is not None:
+            inner = dataclasses.replace(inner, lr=config.inner_lr)
+        wrong = np.stack([np.asarray(predict(model, inner, run.algo.evaluation, _as_input(tr), _as_input(te)))
+                          != labels for tr, te, labels in zip(lake.train_images, lake.test_images, lake.test_labels)])
+        results = {
+            "error_rate": float(wrong.mean()),
+            "per_run_error": {name: float(w.mean()) for name, w in zip(lake.names, wrong)},
+            "items": int(wrong.size), "head": head, "inner_steps": inner.steps,
+            "inner_lr": "learned" if learned else inner.lr, "algorithm": run.config.algorithm.name,
+            "checkpoint_step": run.step, "params_sha256": maml.params_sha256(model),
+            "run_config": to_flat(run.config), "config": to_flat(config),
+        }
+        maml.atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
+        print(json.dumps({k: results[k] for k in ("error_rate", "items", "head", "checkpoint_step")}))
     return results
 
 

@@ -59,7 +59,7 @@ class RuntimeConfig:
             raise ValueError(f"--process-id={self.process_id}; expected 0 <= id < --num-processes={self.num_processes or 1}")
         if self.coordinator is not None:
             host, _, port = self.coordinator.rpartition(":")
-            if not host or not port.isdigit():
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"--coordinator={self.coordinator!r}; expected HOST:PORT")
         if (self.num_processes or 1) > 1 and self.coordinator is None and not in_slurm_step():
             raise ValueError(f"--num-processes={self.num_processes} needs --coordinator HOST:PORT (or a SLURM srun step)")
@@ -165,14 +165,15 @@ def train_step(
 
 
 def resume(state: MetaTrainState, checkpoint_dir: Optional[Path]) -> tuple[MetaTrainState, Optional[Path]]:
-    """`(state, checkpoint_dir)` to hand to `maml.fit` on this process.
+    """`(state, checkpoint_dir)` to hand to `maml.fit` on this process; every process calls it with the same
+    `checkpoint_dir` (the run's, or None for training that is not checkpointed).
 
     Single process: unchanged (fit resumes and writes). Several: process 0 keeps the folder (it resumes
     from it and writes); the others get process 0's resumed state broadcast (no shared filesystem
     needed) and no folder, so they never write.
     """
-    if jax.process_count() == 1 or checkpoint_dir is None:
-        return state, checkpoint_dir
+    if jax.process_count() == 1 or checkpoint_dir is None:  # the same decision on every process: all of
+        return state, checkpoint_dir                          # them take part in the broadcast, or none
     from jax.experimental import multihost_utils
 
     if is_writer():

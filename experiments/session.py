@@ -1,7 +1,8 @@
 """What every experiment does around its own work: on process 0, the output folder (checked against a
-run already there: resume) and the logger; at the end, results.json (written atomically), the logger's
-summary and one line on stdout. Other processes compute the same and write nothing. Also the run's clock
-and its time budget (`budget_hook`), a decision all processes take together.
+run already there: resume; locked against a second run while this one runs) and the logger; at the end,
+results.json (written atomically), the logger's summary and one line on stdout. Other processes compute
+the same and write nothing. Also the run's clock and its time budget (`budget_hook`), a decision all
+processes take together.
 
     with session.run(config, job="sinusoid") as run:       # after runtime.initialize(config.runtime)
         ...                                                  # run.out, run.hooks(every), run.log(...)
@@ -71,10 +72,10 @@ def run(config: Any, *, job: str, console_every: int = 1) -> Iterator[Session]:
     if not runtime.is_writer():
         yield Session(Path(config.out), None)
         return
-    out = cli.prepare_out(config.out, config)
-    logger = tracking.start(config.tracking, to_flat(config), out, job=job, console_every=console_every)
-    with logger:
-        yield Session(out, logger)
+    with cli.run_folder(config.out, config) as out:
+        logger = tracking.start(config.tracking, to_flat(config), out, job=job, console_every=console_every)
+        with logger:
+            yield Session(out, logger)
 
 
 def _process0(flag_: bool) -> bool:

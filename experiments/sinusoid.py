@@ -26,7 +26,7 @@ from data.sinusoid import SinusoidTasks, sample_tasks
 from experiments import algorithms as A
 from experiments import evaluation as ev
 from experiments import cli, runtime, session, tracking
-from experiments.config import POSITIVE, Checked, algorithm_field, at_least, flag, section, to_flat
+from experiments.config import POSITIVE, SEED, Checked, algorithm_field, at_least, flag, section, to_flat
 from experiments.sinusoid_plots import plot_fits
 
 
@@ -58,12 +58,12 @@ class Training(Checked):
     """Meta-training."""
 
     iterations: int = flag(70_000, "meta-iterations", rule=POSITIVE, resumable=True)
-    seed: int = flag(0, "random seed (model init, tasks)")
+    seed: int = flag(0, "random seed (model init, tasks)", rule=SEED)
     steps_per_call: int = flag(1000, "meta-iterations per compiled call (lax.scan)", rule=POSITIVE)
     checkpoint_every: int = flag(10_000, "checkpoint period in meta-iterations", rule=POSITIVE)
     skip_nonfinite: int = flag(0, "skip meta-steps with a NaN/inf meta-loss or meta-gradient, up to N in a row "
                                   "(optax.apply_if_finite; counted in results.json); 0: stop the run at the first",
-                               rule=at_least(0))
+                               rule=at_least(0), absent=0)  # runs from before the flag trained as 0 does
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def setup(config: SinusoidConfig) -> Setup:
 def train(state: maml.MetaTrainState, algo: A.Algorithm, config: SinusoidConfig, *, num_steps: int, run, hooks=(),
           checkpoints: bool = True, desc: str = "meta-train") -> maml.MetaTrainState:
     """Meta-train `state` with `algo` on this run's devices; the final state as this process's own copy."""
-    state, folder = runtime.resume(state, run.out / "checkpoints" if checkpoints and run.writer else None)
+    state, folder = runtime.resume(state, run.out / "checkpoints" if checkpoints else None)
     step = runtime.train_step(config.runtime, algo, meta_batch=config.tasks.meta_batch)
     checkpointer = maml.Checkpointer(folder, config.training.checkpoint_every) if folder else None
     steps_per_call = min(config.training.steps_per_call, num_steps)

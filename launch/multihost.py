@@ -3,9 +3,12 @@
     python -m launch.multihost --num-processes 2 [--cpu-devices 2] -- python -m experiments.sinusoid ...
 
 Process i runs the command with `--coordinator 127.0.0.1:PORT --num-processes N --process-id i` appended
-(a free port unless `--port`); each output line is streamed with an `[i] ` prefix. When a process fails,
-the others are stopped (they would otherwise wait on its collectives) and the launcher exits with the
-failing status; it exits 0 when all succeed. `--cpu-devices K` gives every process K fake CPU devices
+(a free port unless `--port`); each output line is streamed with an `[i] ` prefix, and the launcher's own
+lines (`[launch] ...`, on stderr) give each process's pid. When a process fails or is killed, one line
+names it (and the signal), the others are stopped within `--grace` seconds (SIGTERM, then SIGKILL: they
+would otherwise wait on its collectives) and the launcher exits with the failing status (128 + the signal
+for a killed one); it exits 0 when all succeed. Running the same command again resumes from the last
+checkpoint. `--cpu-devices K` gives every process K fake CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=K), to try multi-host data parallelism on one machine.
 """
 
@@ -44,6 +47,16 @@ def _stream(prefix: str, source: IO[bytes], lock: threading.Lock) -> None:
     source.close()
 
 
+def describe_exit(code: int) -> str:
+    """How a process ended, from its `Popen.returncode`: "exited with status 3", "was killed by SIGKILL"."""
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
+
+
 def _stop(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
     """SIGTERM the still-running processes we started, then SIGKILL those left after `grace` seconds."""
     for p in procs:
@@ -65,8 +78,10 @@ def launch(
     host: str = "127.0.0.1",
     port: Optional[int] = None,
     cpu_devices: Optional[int] = None,
+    grace: float = 10.0,
 ) -> int:
-    """Run `num_processes` copies of `command`; return 0 if all succeed, else the first failure's status."""
+    """Run `num_processes` copies of `command`; return 0 if all succeed, else the first failure's status. After
+    a failure the others get SIGTERM, and SIGKILL `grace` seconds later."""
     coordinator = f"{host}:{port or free_port(host)}"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if cpu_devices:
@@ -80,6 +95,8 @@ def launch(
             p = subprocess.Popen(process_command(command, coordinator, num_processes, i), env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             procs.append(p)
+            with lock:
+                print(f"[launch] process {i}: pid {p.pid}", file=sys.stderr, flush=True)
             t = threading.Thread(target=_stream, args=(f"[{i}] ", p.stdout, lock), daemon=True)
             t.start()
             threads.append(t)
@@ -94,11 +111,12 @@ def launch(
                 if code != 0 and status == 0:
                     status = code if code > 0 else 128 - code  # killed by a signal: 128 + signal number
                     with lock:
-                        print(f"[launch] process {i} failed with status {code}; stopping the others", file=sys.stderr)
-                    _stop(procs)
+                        print(f"[launch] process {i} of {num_processes} (pid {procs[i].pid}) {describe_exit(code)}; "
+                              f"stopping the others (at most {grace:g} s)", file=sys.stderr, flush=True)
+                    _stop(procs, grace)
             time.sleep(0.05)
     except KeyboardInterrupt:
-        _stop(procs)
+        _stop(procs, grace)
         status = 130
     for t in threads:
         t.join(timeout=5)
@@ -116,13 +134,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="coordinator host (this machine)")
     parser.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
     parser.add_argument("--cpu-devices", type=int, default=None, help="fake CPU devices per process")
+    parser.add_argument("--grace", type=float, default=10.0,
+                        help="seconds the others get to stop after a process fails, before SIGKILL (default: 10)")
     args = parser.parse_args(argv[:split])
     command = argv[split + 1:]
     if args.num_processes < 1 or not command:
         print(f"error: --num-processes={args.num_processes} and command {command!r}; expected >= 1 and a command",
               file=sys.stderr)
         return 2
-    return launch(command, args.num_processes, host=args.host, port=args.port, cpu_devices=args.cpu_devices)
+    if not args.grace >= 0:
+        print(f"error: --grace={args.grace}; expected seconds >= 0", file=sys.stderr)
+        return 2
+    return launch(command, args.num_processes, host=args.host, port=args.port, cpu_devices=args.cpu_devices,
+                  grace=args.grace)
 
 
 if __name__ == "__main__":

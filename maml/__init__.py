@@ -39,6 +39,7 @@ from .algorithms.anil import head_filter
 from .training.fit import Diverged, FitResult, Hook, Interrupted, StepInfo, Stop, fit, skipped_steps
 from .training.checkpoints import (
     CheckpointError,
+    CheckpointWriteError,
     Checkpointer,
     CorruptCheckpoint,
     IncompatibleCheckpoint,
@@ -83,7 +84,7 @@ __all__ = sorted([
     "head_filter",
     # training
     "Diverged", "FitResult", "Hook", "Interrupted", "StepInfo", "Stop", "fit", "skipped_steps",
-    "CheckpointError", "Checkpointer", "CorruptCheckpoint", "IncompatibleCheckpoint", "atomic_write_bytes",
+    "CheckpointError", "CheckpointWriteError", "Checkpointer", "CorruptCheckpoint", "IncompatibleCheckpoint", "atomic_write_bytes",
     "latest_checkpoint", "list_checkpoints", "load_checkpoint", "params_sha256", "save_checkpoint",
     "AbstractLogger", "ConsoleLogger", "MultiLogger", "WandbLogger",
     # autodiff

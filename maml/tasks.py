@@ -6,7 +6,16 @@ import equinox as eqx
 from jaxtyping import Array, Shaped
 
 
+def _short(value: object) -> str:
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _check_pair(name: str, x: Array, y: Array, axis: int) -> None:
+    for part, value in (("x", x), ("y", y)):
+        if not (hasattr(value, "shape") and hasattr(value, "ndim")):
+            raise ValueError(f"Task: {name}_{part}={_short(value)} is a {type(value).__name__}; expected an array "
+                             f"(examples along axis {axis})")
     if x.ndim <= axis or y.ndim <= axis:
         raise ValueError(
             f"Task: {name}_x has shape {tuple(x.shape)} and {name}_y has shape {tuple(y.shape)}; "

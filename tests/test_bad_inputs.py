@@ -4,14 +4,20 @@ Placeholders in the commands: {file} an existing regular file, {empty} an empty 
 Omniglot folder (rows using it skip without MAML_SHARED_DATA), {run} a finished sinusoid run folder,
 {yaml} a file holding the YAML after `<<<` in the command cell, {corrupt} a folder whose
 images_background_small1.zip is not a zip file; {html} / {truncated} folders whose mini-ImageNet pickles are
-an HTML page / cut in half, {nofine} a CIFAR-100 tarball without fine_labels, {cifar} a small valid one.
+an HTML page / cut in half, {nofine} a CIFAR-100 tarball without fine_labels, {cifar} a small valid one;
+{locked} a copy of {run} whose run.lock names a live process of this host ({pid} on {host}), {remote} one
+whose lock is from another host; {old} / {older} copies whose config.json lacks skip_nonfinite (which
+declares the value older versions ran as) / hidden (which declares none).
 """
 
 import importlib
+import json
 import os
 import pickle
 import re
 import shlex
+import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +65,23 @@ def finished_run(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def run_copies(finished_run, tmp_path_factory) -> dict[str, Path]:
+    """{locked}, {remote}, {old}, {older}: copies of the finished run with a lock, or an older config.json."""
+    root = tmp_path_factory.mktemp("run_copies")
+    copies = {name: root / name for name in ("locked", "remote", "old", "older")}
+    for path in copies.values():
+        shutil.copytree(finished_run, path)
+    lock = lambda pid, host: json.dumps({"pid": pid, "host": host, "started": "2026-01-01T00:00:00"})
+    (copies["locked"] / "run.lock").write_text(lock(os.getppid(), socket.gethostname()))  # alive: our parent
+    (copies["remote"] / "run.lock").write_text(lock(4242, "elsewhere"))
+    for name, field in (("old", "skip_nonfinite"), ("older", "hidden")):
+        saved = json.loads((copies[name] / "config.json").read_text())
+        del saved[field]
+        (copies[name] / "config.json").write_text(json.dumps(saved))
+    return copies
+
+
 @pytest.mark.parametrize("command, message", rows(), ids=lambda v: v[:60])
 def test_bad_input_gives_its_one_line(command, message, tmp_path, capsys, request, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a row that wrongly got as far as writing its default --out writes here
@@ -82,6 +105,10 @@ def test_bad_input_gives_its_one_line(command, message, tmp_path, capsys, reques
         values.update(request.getfixturevalue("image_folders"))
     if "{run}" in command + message:
         values["run"] = request.getfixturevalue("finished_run")
+    names = [name for name in ("locked", "remote", "old", "older") if f"{{{name}}}" in command]
+    copies = {name: request.getfixturevalue("run_copies")[name] for name in names}
+    values.update(copies, pid=os.getppid(), host=socket.gethostname())
+    before = {p: p.read_bytes() for folder in copies.values() for p in sorted(folder.iterdir()) if p.is_file()}
     fill = lambda s: s.format(**{k: str(v) for k, v in values.items()})
     argv = shlex.split(fill(command))
     assert argv[:2] == ["python", "-m"]
@@ -92,3 +119,5 @@ def test_bad_input_gives_its_one_line(command, message, tmp_path, capsys, reques
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == fill(message), err
     assert not (tmp_path / "runs").exists(), f"{command!r} wrote its output folder before failing"
+    after = {p: p.read_bytes() for folder in copies.values() for p in sorted(folder.iterdir()) if p.is_file()}
+    assert after == before, f"{command!r} touched the run folder it refused"

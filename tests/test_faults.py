@@ -2,15 +2,25 @@
 same command again; the run must end with the identical params_sha256 and metrics as an uninterrupted one.
 A checkpoint truncated on disk falls back to the previous one; a NaN injected into the meta-training data
 stops the run naming the step (keeping the last good checkpoint, from which it resumes exactly), or with
---skip-nonfinite is skipped and counted."""
+--skip-nonfinite is skipped and counted.
+
+Second round: a second run on the same --out stops at once naming the first, and a SIGKILLed run's lock
+is taken over; a full disk while a checkpoint is written stops the run in one line and the same command
+resumes exactly; a run folder of an older version (a config.json without a newer field) resumes with a
+note; the tfds cache built by two experiments at once is built once, and a truncated one is rebuilt; a
+worker SIGKILLed in a two-process `launch.multihost` run stops the other, named, and the same command
+resumes exactly."""
 
 import json
 import os
 import random
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +58,26 @@ cli.run(sinusoid.main, sys.argv[3:])
 """
 
 
+# The main job whose checkpoint writer fails like a full disk at step AT, after writing half the file (where
+# a disk fills up: a partial file at the destination, then ENOSPC).
+FULL_DISK = """
+import errno, os, sys
+import maml
+from experiments import cli, sinusoid
+at = int(sys.argv[1])
+real = maml.Checkpointer
+
+def full_disk(path, data):
+    if path.name == f"ckpt_{at:09d}.eqx":
+        path.write_bytes(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    maml.atomic_write_bytes(path, data)
+
+maml.Checkpointer = lambda *args, **kwargs: real(*args, **kwargs, write=full_disk)
+cli.run(sinusoid.main, sys.argv[2:])
+"""
+
+
 def start(out, env, *extra):
     return subprocess.Popen([sys.executable, "-m", "experiments.sinusoid", *ARGS, *extra, "--out", str(out)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -71,12 +101,17 @@ def run_to_end(out, env):
     return json.loads((out / "results.json").read_text())
 
 
+def newest_step(out):
+    names = checkpoints(out)
+    return int(names[-1][5:14]) if names else 0
+
+
 def interrupt(out, env, sig, rng):
     """Start the run, wait for a random number of new checkpoints plus a random delay, send `sig`."""
-    before = len(checkpoints(out))
+    before = newest_step(out)  # (the folder keeps only the newest 3: count steps, not files)
     proc = start(out, env)
-    target, deadline = before + rng.randint(1, 3), time.time() + 300
-    while len(checkpoints(out)) < target and proc.poll() is None and time.time() < deadline:
+    target, deadline = before + 20 * rng.randint(1, 3), time.time() + 300
+    while newest_step(out) < target and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     time.sleep(rng.uniform(0, 0.05))
     proc.send_signal(sig)
@@ -101,6 +136,64 @@ def test_sigkill_at_five_random_points_resumes_exactly(tmp_path, env, reference)
         code, _ = interrupt(out, env, signal.SIGKILL, rng)
         assert code in (-signal.SIGKILL, 0)
     same_results(run_to_end(out, env), reference)
+
+
+def test_a_second_run_on_the_same_out_stops_at_once_naming_the_first(tmp_path, env, reference):
+    out = tmp_path / "run"
+    first = start(out, env)
+    deadline = time.time() + 300
+    while not checkpoints(out) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    saved = (out / "config.json").read_bytes(), (out / "config.json").stat().st_mtime_ns
+    # --iterations may differ on resume: without the lock this one would rewrite config.json and train too
+    second = subprocess.run([sys.executable, "-m", "experiments.sinusoid", *ARGS, "--iterations", "600", "--out",
+                             str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert first.poll() is None, "the first run ended before the second started; nothing was tested"
+    assert second.returncode == 2, second.stderr
+    last = second.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --out '{out}' is in use by another run (pid {first.pid} on host "
+                           f"{socket.gethostname()}, started "), last
+    assert last.endswith("); wait for it to end or use another --out"), last
+    assert ((out / "config.json").read_bytes(), (out / "config.json").stat().st_mtime_ns) == saved
+    _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr
+    same_results(json.loads((out / "results.json").read_text()), reference)
+    assert not (out / "run.lock").exists()
+
+
+def test_a_full_disk_while_checkpointing_stops_in_one_line_and_resumes_exactly(tmp_path, env, reference):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK, "60", *ARGS, "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 74, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: could not write checkpoint {out / 'checkpoints' / 'ckpt_000000060.eqx'} (No space left on device); "
+        "the newest complete checkpoint (step 40) is kept; free some space and run the same command to resume")
+    assert sorted(os.listdir(out / "checkpoints")) == [f"ckpt_0000000{s}.{x}" for s in (20, 40) for x in ("eqx", "json")]
+    assert not (out / "results.json").exists() and not (out / "run.lock").exists()
+    same_results(run_to_end(out, env), reference)  # space freed: the same command resumes from step 40
+
+
+def test_a_killed_run_of_an_older_version_resumes_taking_over_its_lock_with_a_note(tmp_path, env, reference):
+    out = tmp_path / "run"
+    rng = random.Random(3)
+    while not checkpoints(out):
+        interrupt(out, env, signal.SIGKILL, rng)
+    killed = json.loads((out / "run.lock").read_text())  # a SIGKILLed run's lock stays behind
+    saved = json.loads((out / "config.json").read_text())
+    del saved["skip_nonfinite"]  # as written before --skip-nonfinite existed
+    (out / "config.json").write_text(json.dumps(saved))
+    proc = start(out, env)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    lines = stderr.splitlines()
+    assert (f"warning: --out '{out}': taking over the lock of a run that is no longer running (pid {killed['pid']} "
+            f"on host {socket.gethostname()}, started {killed['started']})") in lines
+    assert (f"note: --out '{out}' holds a run of an older version without --skip-nonfinite; resuming with "
+            "--skip-nonfinite 0, which is what it did") in lines
+    assert not (out / "run.lock").exists()
+    assert json.loads((out / "config.json").read_text())["skip_nonfinite"] == 0
+    same_results(json.loads((out / "results.json").read_text()), reference)
 
 
 def test_sigterm_checkpoints_before_exiting_and_resumes_exactly(tmp_path, env, reference):
@@ -172,3 +265,78 @@ def test_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path, en
     assert proc.returncode == 0, stderr
     assert f"checkpoint {newest} is corrupt" in stderr and "falling back to the previous checkpoint" in stderr
     same_results(json.loads((out / "results.json").read_text()), reference)
+
+
+def omniglot(data, cache, out, env):
+    """experiments.omniglot up to its data: 300 ways is more classes than the meta-test alphabets have, an
+    error that comes only once the splits are read (no training: no compilation)."""
+    return subprocess.Popen([sys.executable, "-m", "experiments.omniglot", "--data-dir", str(data), "--cache-dir",
+                             str(cache), "--ways", "300", "--wandb", "disabled", "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+READ_300_WAYS = ("error: meta-test alphabets: episodes: ways=300 is more than the split's 228 classes "
+                 "(57 characters x 4 rotations)")
+
+
+def test_two_experiments_build_a_fresh_tfds_cache_once_and_a_truncated_one_is_rebuilt(tmp_path, env, shared_data):
+    data, cache = shared_data / "omniglot", tmp_path / "cache"
+    procs = [omniglot(data, cache, tmp_path / f"out{i}", env) for i in range(2)]  # at once, on a fresh cache
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    for p, err in zip(procs, errors):
+        assert p.returncode == 2 and err.strip().splitlines()[-1] == READ_300_WAYS, err  # both read the splits
+    assert sum("omniglot: building the tfds cache" in err for err in errors) == 1, errors
+    shard = next(cache.glob("maml_omniglot/*/1.0.0/maml_omniglot-small2.array_record-*"))
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size // 2)
+    leftover = shard.parent.parent / "incomplete.KILLED_1.0.0"  # what a build killed midway leaves
+    leftover.mkdir()
+    (leftover / shard.name).write_bytes(b"half")
+    proc = omniglot(data, cache, tmp_path / "out2", env)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2 and err.strip().splitlines()[-1] == READ_300_WAYS, err
+    assert f"warning: omniglot: the tfds cache {shard.parent} is corrupt (" in err, err
+    assert shard.stat().st_size == size and not leftover.exists()
+
+
+MULTIHOST = ["-m", "launch.multihost", "--num-processes", "2", "--grace", "5", "--", sys.executable, "-m",
+             "experiments.sinusoid", "--iterations", "60", "--steps-per-call", "20", "--checkpoint-every", "20",
+             "--hidden", "16,16", "--meta-batch", "24", "--baseline-iterations", "20", "--eval-tasks", "20",
+             "--eval-points", "10", "--eval-steps", "0,1", "--no-progress"]
+
+
+def launch(out, env, log):
+    with open(log, "w") as stdout:
+        return subprocess.Popen([sys.executable, *MULTIHOST, "--out", str(out)], env=env, stdout=stdout,
+                                stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_in_a_two_process_run_stops_the_other_named_and_resumes_exactly(tmp_path, env):
+    straight = launch(tmp_path / "straight", env, tmp_path / "straight.log")
+    _, err = straight.communicate(timeout=600)
+    assert straight.returncode == 0, err + (tmp_path / "straight.log").read_text()[-3000:]
+    reference = json.loads((tmp_path / "straight" / "results.json").read_text())
+
+    out = tmp_path / "run"
+    proc = launch(out, env, tmp_path / "killed.log")
+    pids = [int(proc.stderr.readline().split("pid ")[1]) for _ in range(2)]  # "[launch] process i: pid P"
+    deadline = time.time() + 300
+    while newest_step(out) < 20 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before the kill; nothing was tested"
+    os.kill(pids[1], signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    assert time.monotonic() - killed < 30, "the surviving process should be stopped within --grace seconds"
+    assert proc.returncode == 128 + signal.SIGKILL, err
+    assert (f"[launch] process 1 of 2 (pid {pids[1]}) was killed by SIGKILL; stopping the others (at most 5 s)"
+            in err.splitlines()), err
+    assert 20 <= newest_step(out) < 60 and not (out / "results.json").exists()
+
+    again = launch(out, env, tmp_path / "resumed.log")  # the same command
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err + (tmp_path / "resumed.log").read_text()[-3000:]
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["params_sha256"] == reference["params_sha256"] and resumed["mse"] == reference["mse"]

@@ -64,16 +64,16 @@ CONFIG = ToyConfig
 
 def main(argv=None):
     toy = tracking.prepare(cli.parse(ToyConfig, argv))
-    out = cli.prepare_out(toy.out, toy)
-    logger = tracking.start(toy.tracking, config.to_flat(toy), out, job="toy")
-    if toy.lr > 0.5:
-        raise RuntimeError("toy crash")
-    for step in range(1, toy.steps + 1):
-        logger.log_scalars(step, {"loss": 10 * (toy.lr - 0.3) ** 2 + 1.0 / step})
-        time.sleep(toy.sleep)
-    results = {"loss": 10 * (toy.lr - 0.3) ** 2 + 1.0 / toy.steps, "meta_iterations": toy.steps}
-    (out / "results.json").write_text(json.dumps(results))
-    tracking.finish(logger, results)
+    with cli.run_folder(toy.out, toy) as out:
+        logger = tracking.start(toy.tracking, config.to_flat(toy), out, job="toy")
+        if toy.lr > 0.5:
+            raise RuntimeError("toy crash")
+        for step in range(1, toy.steps + 1):
+            logger.log_scalars(step, {"loss": 10 * (toy.lr - 0.3) ** 2 + 1.0 / step})
+            time.sleep(toy.sleep)
+        results = {"loss": 10 * (toy.lr - 0.3) ** 2 + 1.0 / toy.steps, "meta_iterations": toy.steps}
+        (out / "results.json").write_text(json.dumps(results))
+        tracking.finish(logger, results)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The training loop and checkpoints: atomic files, exact resume after an interruption, corrupt files."""
 
+import errno
 import json
+import os
 
 import jax
 import optax
@@ -69,6 +71,41 @@ def test_checkpoints_are_written_atomically_and_pruned(tmp_path):
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [f"ckpt_00000000{s}.{ext}" for s in (3, 4, 5) for ext in ("eqx", "json")]
     assert json.loads((tmp_path / "ckpt_000000005.json").read_text())["step"] == 5
+
+
+def test_a_full_disk_leaves_no_partial_file_and_keeps_the_older_checkpoints(tmp_path, monkeypatch):
+    state, _, _ = setup()
+    maml.save_checkpoint(tmp_path, 1, state)
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)  # the disk fills up while the data is flushed
+    with pytest.raises(OSError):
+        maml.atomic_write_bytes(tmp_path / "ckpt_000000001.eqx", b"new bytes")
+    with pytest.raises(maml.CheckpointWriteError) as failed:
+        maml.save_checkpoint(tmp_path, 2, state)
+    monkeypatch.undo()
+    assert failed.value.errno == errno.ENOSPC
+    assert str(failed.value) == (f"could not write checkpoint {tmp_path / 'ckpt_000000002.eqx'} (No space left on "
+                                 "device); the newest complete checkpoint (step 1) is kept; free some space and run "
+                                 "the same command to resume")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temp file, no half of checkpoint 2
+    assert maml.latest_checkpoint(tmp_path, state)[0] == 1
+
+
+def test_a_checkpoint_whose_sidecar_cannot_be_written_is_removed(tmp_path):
+    state, _, _ = setup()
+
+    def sidecar_fails(path, data):
+        if path.suffix == ".json":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        maml.atomic_write_bytes(path, data)
+
+    with pytest.raises(maml.CheckpointWriteError, match=r"\(Read-only file system\); there is no earlier checkpoint"):
+        maml.Checkpointer(tmp_path, 1, write=sidecar_fails).save(3, state)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -274,7 +274,8 @@ def _load(
     url: str,
 ) -> dict[str, FewShotSplit]:
     dataset = builder_cls.DATASET
-    builder = builder_cls(url=url if download else None, data_dir=os.fspath(cache_dir))
+    options = {"url": url if download else None}
+    builder = builder_cls(data_dir=os.fspath(cache_dir), **options)
     folder = Path(data_dir) if data_dir is not None else None
     if folder is not None and not folder.is_dir():
         if not download:
@@ -284,7 +285,7 @@ def _load(
         find_form(dataset, folder, FORMS)  # a clear error now, rather than tfds' about an empty manual_dir
     if folder is None and not download and not builder.is_prepared():
         raise fail(dataset, f"no data_dir given and nothing prepared in {cache_dir}; expected {CIFAR100_TARBALL}")
-    return build_and_read(builder, folder)
+    return build_and_read(builder_cls, cache_dir, folder, **options)
 
 
 def load_cifar_fs(

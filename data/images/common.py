@@ -18,6 +18,8 @@ import tensorflow_datasets as tfds
 from jaxtyping import Int, Shaped, UInt8
 from PIL import Image
 
+from data import cache
+
 SPLITS = ("train", "val", "test")
 _REQUIRED = object()
 _HTML_PREFIXES = (b"<!doctype", b"<html")
@@ -298,12 +300,21 @@ def read_split(source, image_shape: tuple[int, ...], chunk: int = 2048) -> FewSh
     return FewShotSplit(images[order], labels[order], class_names)
 
 
-def build_and_read(builder: ImageSplitsBuilder, manual_dir: Path | None) -> dict[str, FewShotSplit]:
-    """Prepare `builder` (once: tfds caches it in its data_dir) and read its three splits back."""
+def build_and_read(builder_cls: type[ImageSplitsBuilder], cache_dir: os.PathLike | str, manual_dir: Path | None,
+                   **options: Any) -> dict[str, FewShotSplit]:
+    """Prepare `builder_cls(data_dir=cache_dir, **options)` (once: tfds caches it; processes sharing the cache
+    build it once, and a corrupt one is rebuilt, see `data.cache`) and read its three splits back."""
     manual = os.fspath(manual_dir) if manual_dir is not None else None
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
-    sources = builder.as_data_source()
-    return {split: read_split(sources[split], builder.IMAGE_SHAPE) for split in SPLITS}
+
+    def make() -> ImageSplitsBuilder:
+        return builder_cls(data_dir=os.fspath(cache_dir), **options)
+
+    def read(builder: ImageSplitsBuilder) -> dict[str, FewShotSplit]:
+        sources = builder.as_data_source()
+        return {split: read_split(sources[split], builder.IMAGE_SHAPE) for split in SPLITS}
+
+    return cache.build_and_read(make, tfds.download.DownloadConfig(manual_dir=manual), read, cache_dir=cache_dir,
+                                name=builder_cls.name, dataset=builder_cls.DATASET)
 
 
 def pick_config(
@@ -342,7 +353,7 @@ def load_form(
         raise fail(dataset, f"form={form!r}; expected one of {tuple(forms)}")
     chosen = forms if form is None else {form: forms[form]}
     config, folder = pick_config(dataset, builder_cls, data_dir, cache_dir, chosen)
-    return build_and_read(builder_cls(config=config, data_dir=os.fspath(cache_dir)), folder)
+    return build_and_read(builder_cls, cache_dir, folder, config=config)
 
 
 def form_paths(dataset: str, manual: Path | None, form: str, roles: Mapping[str, Sequence[str]],

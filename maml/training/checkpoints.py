@@ -1,5 +1,9 @@
 """Atomic checkpoints of any pytree (Equinox serialisation + temp file + rename, SHA-256 sidecar), the
-`Checkpointer` that `maml.fit` writes them with, and parameter hashes."""
+`Checkpointer` that `maml.fit` writes them with, and parameter hashes.
+
+How files are written is a value, `write(path, data)` (`atomic_write_bytes` by default), so that a test can
+hand in one that fails like a full disk. A checkpoint that cannot be written leaves nothing of itself behind
+and raises `CheckpointWriteError`; the checkpoints before it stay the newest complete ones."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Optional, TypeVar
+from typing import Callable, Optional, TypeVar
 
 import equinox as eqx
 import jax
@@ -20,6 +24,8 @@ from jaxtyping import PyTree
 
 T = TypeVar("T")
 _NAME = re.compile(r"^ckpt_(\d{9})\.eqx$")
+Write = Callable[[Path, bytes], None]
+"""How a file is written: `write(path, data)`, atomically (readers see the old file or the new one)."""
 
 
 class CheckpointError(ValueError):
@@ -32,6 +38,20 @@ class CorruptCheckpoint(CheckpointError):
 
 class IncompatibleCheckpoint(CheckpointError):
     """An intact checkpoint of another structure (another model, config or train state)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk, a read-only folder: `errno` says which); nothing of
+    it is left and the earlier checkpoints are kept. One line naming the file and the newest one kept."""
+
+    def __init__(self, path: Path, cause: OSError, newest: Optional[int]):
+        kept = f"the newest complete checkpoint (step {newest}) is kept" if newest is not None else \
+            "there is no earlier checkpoint"
+        super().__init__(cause.errno, f"could not write checkpoint {path} ({cause.strerror or cause}); {kept}; "
+                                      "free some space and run the same command to resume")
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 def params_sha256(tree: PyTree) -> str:
@@ -48,11 +68,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that a reader sees the old file or the new one, never a partial one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, or an interrupt: leave no partial temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -60,20 +84,29 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def save_checkpoint(directory: Path, step: int, tree: PyTree, keep: int = 3) -> Path:
-    """Save `tree` as `directory/ckpt_<step>.eqx` atomically, with a sidecar JSON holding its SHA-256.
+def save_checkpoint(directory: Path, step: int, tree: PyTree, keep: int = 3,
+                    write: Write = atomic_write_bytes) -> Path:
+    """Save `tree` as `directory/ckpt_<step>.eqx` with `write` (atomic), with a sidecar JSON holding its SHA-256.
 
-    Keeps the newest `keep` checkpoints. A checkpoint counts only once its sidecar is written.
+    Keeps the newest `keep` checkpoints. A checkpoint counts only once its sidecar is written. If writing
+    fails (`OSError`: a full disk...), the new checkpoint's files are removed, the older ones kept, and
+    `CheckpointWriteError` raised.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     eqx.tree_serialise_leaves(buf, tree)
     data = buf.getvalue()
     path = directory / f"ckpt_{step:09d}.eqx"
-    atomic_write_bytes(path, data)
     meta = {"step": step, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta).encode())
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        write(path, data)
+        write(path.with_suffix(".json"), json.dumps(meta).encode())
+    except OSError as e:
+        path.with_suffix(".json").unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        complete = list_checkpoints(directory)
+        raise CheckpointWriteError(path, e, int(_NAME.match(complete[-1].name).group(1)) if complete else None) from e
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
         old.with_suffix(".json").unlink(missing_ok=True)
@@ -122,12 +155,14 @@ class Checkpointer:
     the end, and when a SIGTERM / Ctrl-C arrives), keeping the newest `keep`.
 
     `restore(state)` is the newest checkpoint in the folder (or `state` when there is none): `fit` starts
-    from it, so running the same command again resumes.
+    from it, so running the same command again resumes. `write` writes each file (atomically; a test may
+    pass one that fails like a full disk).
     """
 
     directory: Path
     every: int
     keep: int = 3
+    write: Write = atomic_write_bytes
 
     def __post_init__(self):
         for name in ("every", "keep"):
@@ -142,4 +177,4 @@ class Checkpointer:
         return (None, state) if found is None else found
 
     def save(self, step: int, state: PyTree) -> Path:
-        return save_checkpoint(self.directory, step, state, keep=self.keep)
+        return save_checkpoint(self.directory, step, state, keep=self.keep, write=self.write)
