@@ -27,16 +27,17 @@ def _is_integer(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def check_episode_args(images_shape: tuple[int, ...], ways: int, shots: int, queries: int, rotate: bool) -> None:
+def check_episode_args(images_shape: tuple[int, ...], ways: int, shots: int, queries: int, rotate: bool,
+                       num_tasks: int = 1) -> None:
     """Raise a one-line ValueError unless `images [C, D, H, W]` (or `[C, D, H, W, channels]`) can give
-    `ways`-way `shots`+`queries` tasks."""
+    `num_tasks` `ways`-way `shots`+`queries` tasks: the shape first, then each count, then whether they fit."""
     if len(images_shape) not in (4, 5):
         raise ValueError(
             f"episodes: images has shape {images_shape}; expected [characters, images, height, width] "
             "or [characters, images, height, width, channels]"
         )
     chars, per_char = images_shape[:2]
-    for name, value, low in (("ways", ways, 1), ("shots", shots, 1), ("queries", queries, 0)):
+    for name, value, low in (("ways", ways, 1), ("shots", shots, 1), ("queries", queries, 0), ("num_tasks", num_tasks, 1)):
         if not _is_integer(value) or value < low:
             raise ValueError(f"episodes: {name}={value!r}; expected an integer >= {low}")
     classes = chars * (ROTATIONS if rotate else 1)
@@ -48,6 +49,10 @@ def check_episode_args(images_shape: tuple[int, ...], ways: int, shots: int, que
             f"episodes: shots + queries = {shots} + {queries} = {shots + queries}; "
             f"expected at most {per_char} images per character"
         )
+    height, width = images_shape[2:4]
+    if min(height, width) < 1 or (rotate and height != width):
+        raise ValueError(f"episodes: images has shape {images_shape}; expected images of at least 1 x 1 pixels"
+                         + (", square to be rotated (or rotate=False)" if rotate else ""))
 
 
 def sample_episode(
@@ -129,9 +134,8 @@ class EpisodeSampler(eqx.Module):
     rotate: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
-        check_episode_args(tuple(self.images.shape), self.ways, self.shots, self.queries, self.rotate)
-        if not _is_integer(self.num_tasks) or self.num_tasks < 1:
-            raise ValueError(f"episodes: num_tasks={self.num_tasks!r}; expected an integer >= 1")
+        check_episode_args(tuple(self.images.shape), self.ways, self.shots, self.queries, self.rotate,
+                           self.num_tasks)
 
     @property
     def num_classes(self) -> int:
