@@ -154,8 +154,9 @@ def train(state: maml.MetaTrainState, algo: A.Algorithm, config: SinusoidConfig,
 
 
 def curvature_hook(run, tasks: maml.Task, inner: maml.InnerLoop, every: int, key: jax.Array) -> maml.Hook:
-    """Every `every` steps, log the top eigenvalue, trace and minimum eigenvalue of the support loss and of the
-    meta-objective, and the inner loop's stability (lr x top eigenvalue), on the fixed batch `tasks`."""
+    """Every `every` steps, log the top eigenvalue, Hutch++ trace (and its standard error over probes) and minimum
+    eigenvalue of the support loss and of the meta-objective, and the inner loop's stability (lr x top
+    eigenvalue), on the fixed batch `tasks` (`TaskCurvature.metrics`)."""
     diagnose = eqx.filter_jit(lambda model: maml.curvature.task_curvature(
         model, tasks, inner, key=key, k=1, num_iters=20, meta_num_iters=20).metrics())
 

@@ -4,6 +4,7 @@ experiments.curvature on real runs: tests/test_curvature_experiment.py."""
 from __future__ import annotations
 
 import functools
+import math
 import re
 
 import equinox as eqx
@@ -158,18 +159,46 @@ def test_slq_moments_and_negative_mass_match_dense_spectrum(x64):
     w = np.linalg.eigvalsh(H)
     n = H.shape[0]
     d, coarse = _jit(lambda m: (
-        C.spectral_density(f, m, key=jax.random.key(5), num_probes=64, num_iters=n, negative_tol=1e-6),
-        C.spectral_density(f, m, key=jax.random.key(6), num_probes=4, num_iters=10)))(model)  # defaults
-    assert 0 <= coarse.negative_mass <= 1 and coarse.nodes.shape == (4, 10)
+        C.spectral_density(f, m, key=jax.random.key(5), num_probes=64, num_iters=n),
+        C.spectral_density(f, m, key=jax.random.key(6))))(model)  # defaults
+    assert 0 <= coarse.negative_mass <= 1 and coarse.nodes.shape == (4, 15) and coarse.negative_mass_stderr > 0
     assert abs(np.trapezoid(d.density, d.grid) - 1.0) < 1e-3
-    per_probe = lambda g: np.sum(np.asarray(d.weights) * g(np.asarray(d.nodes)), axis=1)
+    nodes, weights, P = np.asarray(d.nodes), np.asarray(d.weights), 64
+    per_probe = lambda g: np.sum(weights * g(nodes), axis=1)
     for p in (1, 2, 3, 4):  # unbiased per probe (Rademacher): within 4 standard errors of tr(H^p)/n
         y = per_probe(lambda t: t**p)
         assert abs(y.mean() - np.mean(w**p)) <= 4 * y.std(ddof=1) / np.sqrt(len(y)) + 1e-12
         assert abs(d.moment(p) - y.mean()) < 1e-10
-    y = per_probe(lambda t: (t < -1e-6 * np.max(np.abs(t))).astype(float))
-    assert abs(d.negative_mass - y.mean()) < 1e-10
-    assert abs(y.mean() - np.mean(w < -1e-6 * np.max(np.abs(w)))) <= 4 * y.std(ddof=1) / np.sqrt(len(y))
+    # sigma from the nodes' span (here m = n: the nodes are the eigenvalues); each probe's smoothed count
+    sigma = 0.01 * (w.max() - w.min())
+    assert abs(d.sigma - sigma) < 1e-9 * sigma
+    phi = lambda u: 0.5 * np.vectorize(math.erfc)(-u / np.sqrt(2))
+    y = per_probe(lambda t: phi(-(t + 3 * sigma) / sigma))
+    assert abs(d.negative_mass - y.mean()) < 1e-10 and abs(d.negative_mass_stderr - y.std(ddof=1) / np.sqrt(P)) < 1e-10
+    dense = C.negative_fraction(w)
+    assert abs(dense - np.mean(phi(-(w + 3 * sigma) / sigma))) < 1e-12
+    assert abs(d.negative_mass - dense) <= 4 * d.negative_mass_stderr
+    # the density's standard error over probes, and the same density at other points
+    z = (np.asarray(d.grid)[None, :, None] - nodes[:, None, :]) / sigma
+    curves = np.sum(weights[:, None, :] * np.exp(-0.5 * z**2), axis=-1) / (sigma * np.sqrt(2 * np.pi))
+    assert np.allclose(d.density, curves.mean(0), atol=1e-12) and np.allclose(d.density_stderr, curves.std(0, ddof=1) / 8, atol=1e-12)
+    again, again_se = d.at(d.grid[::7])
+    assert np.allclose(again, d.density[::7], atol=1e-12) and np.allclose(again_se, d.density_stderr[::7], atol=1e-12)
+    one = _jit(lambda m: C.spectral_density(f, m, key=jax.random.key(7), num_probes=1, num_iters=5))(model)
+    assert np.isnan(one.negative_mass_stderr) and np.all(np.isnan(one.density_stderr))  # one probe: no spread
+
+
+def test_negative_mass_ignores_a_null_space_and_is_continuous_in_the_nodes(x64):
+    """A PSD spectrum with a large null space has no negative mass, and a heavy node near zero moving across
+    it changes the figure by little (the definition before counted its whole weight on one side)."""
+    lam = np.concatenate([np.zeros(80), np.linspace(0.5, 10.0, 20)])
+    assert C.negative_fraction(lam) < 0.0015  # Phi(-3) = 0.00135 of the null space
+    with_negatives = np.concatenate([lam, -np.linspace(1.0, 5.0, 25)])
+    assert abs(C.negative_fraction(with_negatives) - 25 / 125) < 0.02
+    nodes = lambda z: jnp.array([[-5.0, z, 10.0]])
+    weights = jnp.array([[0.2, 0.7, 0.1]])
+    near = [float(C.SpectralDensity.from_quadrature(nodes(z), weights).negative_mass) for z in (-0.02, 0.0, 0.02)]
+    assert max(near) - min(near) < 0.01 and abs(near[1] - 0.2) < 0.01
 
 
 def test_hutchplusplus_converges_to_exact_trace(x64):
@@ -249,6 +278,9 @@ def test_bad_input_raises_one_clear_line(x64):
         (lambda: C.hvp(f, model, {"w": jnp.ones(3)}), r"hvp: v has 1 leaves .* expected the structure of params"),
         (lambda: C.trace(f, model, key=key, method="hutch++"), r"method='hutch\+\+'"),
         (lambda: C.hvp(f, model, model, mode="forward"), r"mode='forward'"),
+        (lambda: C.spectral_density(f, model, key=key, num_iters=4, bandwidth=0.0), r"bandwidth=0.0; expected a positive"),
+        (lambda: C.spectral_density(f, model, key=key, num_iters=4, negative_cut=-1), r"negative_cut=-1; expected a number >= 0"),
+        (lambda: C.negative_fraction(np.ones(3), bandwidth="wide"), r"negative_fraction: bandwidth='wide'"),
     ]
     for call, match in cases:
         with pytest.raises(ValueError, match=match) as err:

@@ -5,7 +5,8 @@ diagnostics of a batch of tasks.
 - `operators`: `Hessian`, `GaussNewton`, `hvp`, `ggnvp`, `dense`;
 - `eigenvalues`: `top_eigenvalues` (`Largest`, `Smallest`, `LargestMagnitude`), `lanczos_ritz`;
 - `traces`: `trace` (`Hutchinson`, `HutchPlusPlus`);
-- `densities`: `spectral_density`;
+- `densities`: `spectral_density` (SLQ, with standard errors over probes), `negative_fraction` (its dense
+  reference);
 - `diagnostics`: `support_objective`, `meta_objective`, `task_curvature`;
 - `krylov`: the Lanczos iteration itself (float64 Krylov scalars, or compensated float32 ones).
 
@@ -13,7 +14,7 @@ How products are differentiated is a value from the core: `maml.ForwardOverRever
 `maml.ReverseOverReverse()`.
 """
 
-from .densities import SpectralDensity, spectral_density
+from .densities import SpectralDensity, negative_fraction, spectral_density
 from .diagnostics import TaskCurvature, meta_objective, support_objective, task_curvature
 from .eigenvalues import AbstractWhich, Eigenpairs, Largest, LargestMagnitude, Smallest, lanczos_ritz, top_eigenvalues
 from .krylov import LanczosState, dot_pair, gauss_quadrature, lanczos, ritz, tridiagonal_eigh
@@ -28,7 +29,7 @@ __all__ = [
     # traces
     "AbstractTraceEstimator", "HutchPlusPlus", "Hutchinson", "TraceEstimate", "trace",
     # densities
-    "SpectralDensity", "spectral_density",
+    "SpectralDensity", "negative_fraction", "spectral_density",
     # per-task and meta-objective diagnostics
     "TaskCurvature", "meta_objective", "support_objective", "task_curvature",
     # the Lanczos iteration

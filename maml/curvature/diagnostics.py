@@ -64,13 +64,17 @@ class TaskCurvature(eqx.Module):
     inner_stability: Float[Array, ""]
 
     def metrics(self) -> dict[str, Array]:
-        """Scalars for a logger (means over tasks; the worst task's stability)."""
+        """Scalars for a logger (means over tasks; the worst task's stability); `*_trace_stderr`: the standard
+        error of the mean trace from the probes, `sqrt(sum stderr^2) / B`."""
+        mean_se = lambda se: jnp.sqrt(jnp.sum(se**2)) / se.size
         return {
             "curv/support_top": jnp.mean(self.support_top[..., 0]),
             "curv/support_trace": jnp.mean(self.support_trace),
+            "curv/support_trace_stderr": mean_se(self.support_trace_stderr),
             "curv/support_min": jnp.mean(self.support_min),
             "curv/meta_top": jnp.mean(self.meta_top[..., 0]),
             "curv/meta_trace": jnp.mean(self.meta_trace),
+            "curv/meta_trace_stderr": mean_se(self.meta_trace_stderr),
             "curv/meta_min": jnp.mean(self.meta_min),
             "curv/inner_stability_max": jnp.max(self.inner_stability),
         }
