@@ -1,8 +1,10 @@
-"""Shared fixtures: float64 for gradient checks, the shared data folder, the repository root."""
+"""Shared fixtures: float64 for gradient checks, the shared data folder, the repository root, a local http server."""
 
 from __future__ import annotations
 
+import http.server
 import os
+import threading
 from pathlib import Path
 
 import jax
@@ -35,3 +37,26 @@ def shared_data() -> Path:
         pytest.skip(f"real data not available: set MAML_SHARED_DATA to ../shared/data (got {path!r})")
     return Path(path)
 
+
+@pytest.fixture
+def http_dir(monkeypatch):
+    """Serve a folder over http://127.0.0.1 (the download path, offline): yields `(served, base URL)`; set
+    `served["dir"]` to the folder to serve."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    served = {}
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(served["dir"]), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield served, f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()

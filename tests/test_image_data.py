@@ -5,11 +5,9 @@ in-code split lists, and one clear error line per bad input (nothing half-writte
 from __future__ import annotations
 
 import functools
-import http.server
 import io
 import pickle
 import tarfile
-import threading
 from pathlib import Path
 
 import jax
@@ -472,29 +470,6 @@ def test_failed_build_leaves_nothing_and_a_rebuild_succeeds(tmp_path):
     (src / "test_images_png.pkl").write_bytes(good)
     splits = load_tiered_imagenet(src, cache)
     assert len(splits["test"].images) == 163
-
-
-@pytest.fixture
-def http_dir(monkeypatch):
-    """Serve a folder over http://127.0.0.1 (a local stand-in for the download); yields (setter, URL)."""
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    served = {}
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(served["dir"]), **kwargs)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield served, f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_download_with_a_wrong_checksum_is_rejected_and_dropped(http_dir, tmp_path):

@@ -4,8 +4,6 @@ download (from a local HTTP server), and one clear error per bad input."""
 from __future__ import annotations
 
 import functools
-import http.server
-import threading
 import zipfile
 from pathlib import Path
 
@@ -46,30 +44,6 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def splits(omniglot_dir, cache_dir):
     return _load_once(omniglot_dir, cache_dir)
-
-
-@pytest.fixture
-def http_dir(monkeypatch):
-    """Serve a folder over http://127.0.0.1 (the download path, offline); yields (folder setter, base URL)."""
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    served = {}
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(served["dir"]), **kwargs)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield served, f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 # --- the real minimal splits --------------------------------------------------------------------------
