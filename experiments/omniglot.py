@@ -29,10 +29,10 @@ import jax
 import maml
 from data.omniglot import IMAGE_SIZE, IMAGES_PER_CHARACTER, MINIMAL_TEST_ALPHABETS
 from experiments import algorithms as A
-from experiments import cli, evaluation, fewshot, runtime, session, tracking
+from experiments import cli, episodic, evaluation, fewshot, runtime, session, tracking
 from experiments.config import POSITIVE, Checked, FlagError, algorithm_field, at_least, flag, one_of, section
 
-DEFAULT_CACHE, BATCHINGS = fewshot.DEFAULT_CACHE, fewshot.BATCHINGS
+DEFAULT_CACHE, BATCHINGS = fewshot.DEFAULT_CACHE, episodic.BATCHINGS
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class Model(Checked):
     """Conv4 (batch norm with batch statistics) and how a batch of tasks is mapped in the step."""
 
     filters: int = flag(64, "Conv4 filters per layer", rule=POSITIVE)
-    batching: Optional[str] = flag(None, fewshot.BATCHING_HELP, rule=one_of(BATCHINGS))
+    batching: Optional[str] = flag(None, episodic.BATCHING_HELP, rule=one_of(BATCHINGS))
 
     def build(self, ways: int, key: jax.Array) -> maml.nn.Conv4:
         return maml.nn.Conv4(1, ways, self.filters, IMAGE_SIZE, key=key)
@@ -107,22 +107,22 @@ CONFIG = OmniglotConfig
 algorithms = fewshot.omniglot_algorithms
 
 
-def setup(config: OmniglotConfig) -> fewshot.Setup:
-    return fewshot.build(config, lambda key: config.model.build(config.data.ways, key))
+def setup(config: OmniglotConfig) -> episodic.Setup:
+    return episodic.build(config, lambda key: config.model.build(config.data.ways, key))
 
 
-def load_splits(data: Data) -> fewshot.Splits:
+def load_splits(data: Data) -> episodic.Splits:
     """The splits of `data` by alphabet, checked to give its episodes (one line naming the split otherwise)."""
     splits = fewshot.omniglot_splits(data.data_dir, data.cache_dir, data.download, data.test_alphabets,
                                      data.val_alphabets)
-    return fewshot.checked(splits, data.episodes, "alphabets")
+    return episodic.checked(splits, data.episodes, "alphabets")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     config = tracking.prepare(cli.parse(OmniglotConfig, argv, algorithms))
     runtime.initialize(config.runtime)
     built = setup(config)  # everything that can reject the settings runs before anything is written
-    return fewshot.run_experiment(config, built, load_splits(config.data), job="omniglot")
+    return episodic.run_experiment(config, built, load_splits(config.data), job="omniglot")
 
 
 if __name__ == "__main__":

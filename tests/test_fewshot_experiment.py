@@ -12,7 +12,7 @@ import pytest
 import maml
 
 from data.images import CIFAR_FS_SPLITS
-from experiments import cli, fewshot
+from experiments import cli, episodic, fewshot
 from test_image_data import write_cifar_tarball
 
 # 5-way 1-shot with the defaults of the natural-image benchmarks (MAML: 5 inner steps of 0.01, 10 at test,
@@ -55,10 +55,10 @@ def test_batching_defaults_per_backend_and_the_flag_overrides(cifar):
     """Unset, --batching is the backend's measured default (Map on CPU, Vmap on accelerators); set, it wins."""
     config = cli.parse(fewshot.FewShotConfig, [*cifar, "--dataset", "cifar_fs"], fewshot.algorithms)
     assert config.model.batching is None
-    assert fewshot.batching(config.model.batching, "cpu") == maml.Map()
-    assert fewshot.batching(config.model.batching, "gpu") == fewshot.batching(None, "tpu") == maml.Vmap()
+    assert episodic.batching(config.model.batching, "cpu") == maml.Map()
+    assert episodic.batching(config.model.batching, "gpu") == episodic.batching(None, "tpu") == maml.Vmap()
     chosen = cli.parse(fewshot.FewShotConfig, [*cifar, "--batching", "unroll"], fewshot.algorithms)
-    assert fewshot.batching(chosen.model.batching, "cpu") == fewshot.batching("unroll", "gpu") == maml.Unroll()
+    assert episodic.batching(chosen.model.batching, "cpu") == episodic.batching("unroll", "gpu") == maml.Unroll()
     with pytest.raises(ValueError, match="platform: ''"):
         maml.convolution_batching("")
 
