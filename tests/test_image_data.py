@@ -29,7 +29,7 @@ from data.images import (
     load_mini_imagenet,
     load_tiered_imagenet,
 )
-from data.images.common import decode_image
+from data.images.common import DatasetError, decode_image
 
 MINI = {"train": 64, "val": 16, "test": 20}
 TIERED = {"train": 351, "val": 97, "test": 160}
@@ -49,7 +49,9 @@ def _dump(path: Path, obj, protocol: int = 2) -> Path:
     return path
 
 
-def _message(excinfo) -> str:
+def _message(excinfo, error: type[ValueError] = DatasetError) -> str:
+    """The one-line text of an error, checked to be of type `error` (faults of the files: `DatasetError`)."""
+    assert type(excinfo.value) is error, type(excinfo.value)
     text = str(excinfo.value)
     assert "\n" not in text
     return text
@@ -266,7 +268,7 @@ def test_tiered_imagenet_round_trip_and_min_count(root, kind):
         np.testing.assert_array_equal(images, first)
     with pytest.raises(ValueError, match=r"per_class=2; expected 1 \.\. 1") as e:
         class_major(splits["train"], per_class=2)
-    _message(e)
+    _message(e, ValueError)
 
 
 def test_tiered_names_by_id_without_strings(root):
@@ -388,6 +390,10 @@ def test_wrong_shapes_keys_and_indices(tmp_path):
     npz = write_tiered_npz(tmp_path / "npz")
     np.savez(npz / "val_images.npz", images=np.zeros((5, 84, 84), np.uint8))
     with pytest.raises(ValueError, match=r"val_images\.npz: images has shape \[5, 84, 84\] uint8; expected") as e:
+        load_tiered_imagenet(npz, tmp_path / "cache")
+    _message(e)
+    np.savez(npz / "val_images.npz", pixels=np.zeros((5, 84, 84, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"val_images\.npz has no 'images' array \(arrays: \['pixels'\]\)") as e:
         load_tiered_imagenet(npz, tmp_path / "cache")
     _message(e)
     _no_dataset_written(tmp_path / "cache")

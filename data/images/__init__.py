@@ -14,8 +14,8 @@ into `uint8 [C, n, H, W, 3]` for `data.episodes.episode_sampler`, `n` being the 
     sampler = episode_sampler(images, 5, 1, 15, 4, rotate=False)
 
 Inputs are checked before anything is written (shapes, keys, class counts per split against the published
-ones, disjoint splits, HTML pages from failed downloads, truncated files), each failure one `ValueError`
-line naming the file; image-level faults found while writing (an undecodable PNG) leave nothing behind,
+ones, disjoint splits, HTML pages from failed downloads, truncated files), each failure one `DatasetError`
+(a `ValueError`) line naming the file; image-level faults found while writing (an undecodable PNG) leave nothing behind,
 since tfds writes into a temporary folder and renames it only when done.
 
 Safety: these datasets are distributed as Python pickles, which are loaded here with `pickle`; a pickle
@@ -33,7 +33,7 @@ from data.images.cifar import (
     load_cifar_fs,
     load_fc100,
 )
-from data.images.common import SPLITS, FewShotSplit, class_major
+from data.images.common import SPLITS, DatasetError, FewShotSplit, class_major
 from data.images.mini_imagenet import MiniImageNet, load_mini_imagenet
 from data.images.tiered_imagenet import TieredImageNet, load_tiered_imagenet
 
@@ -46,6 +46,7 @@ __all__ = [
     "FC100_SUPERCLASS_SPLITS",
     "SPLITS",
     "CifarFS",
+    "DatasetError",
     "FewShotSplit",
     "MiniImageNet",
     "TieredImageNet",

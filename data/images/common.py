@@ -61,8 +61,12 @@ def one_line(text: object) -> str:
     return str(text).replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
 
 
-def fail(dataset: str, message: str) -> ValueError:
-    return ValueError(one_line(f"{dataset}: {message}"))
+class DatasetError(ValueError):
+    """A dataset's files are missing, malformed or inconsistent: one line, starting with the dataset's name."""
+
+
+def fail(dataset: str, message: str) -> DatasetError:
+    return DatasetError(one_line(f"{dataset}: {message}"))
 
 
 # --- files -----------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import tensorflow_datasets as tfds
 
 from data.images.common import (
     SPLITS,
+    DatasetError,
     FewShotSplit,
     ImageSplitsBuilder,
     PreparedSplit,
@@ -176,9 +177,9 @@ def npz_check(path: Path, count: int, labels_path: Path) -> None:
                 raise fail(DATASET, f"{path} has no 'images' array (arrays: {arrays}); expected {_NPZ}")
             with archive.open("images.npy") as f:
                 shape, fortran, dtype = _npy_header(f)
+    except DatasetError:
+        raise
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as e:
-        if str(e).startswith(DATASET):
-            raise
         raise fail(DATASET, f"{path} is truncated or not an .npz ({type(e).__name__}: {e}); expected {_NPZ}") from e
     if tuple(shape[1:]) != IMAGE_SHAPE or dtype != np.uint8 or fortran or len(shape) != 4:
         raise fail(DATASET, f"{path}: images has shape {list(shape)} {dtype}; expected [N, 84, 84, 3] uint8 (C order)")
