@@ -15,8 +15,8 @@ into `uint8 [C, n, H, W, 3]` for `data.episodes.episode_sampler`, `n` being the 
 
 Inputs are checked before anything is written (shapes, keys, class counts per split against the published
 ones, disjoint splits, HTML pages from failed downloads, truncated files), each failure one `DatasetError`
-(a `ValueError`) line naming the file; image-level faults found while writing (an undecodable PNG) leave nothing behind,
-since tfds writes into a temporary folder and renames it only when done.
+(a `ValueError`) line naming the file; image-level faults found while writing (an undecodable PNG) leave
+nothing behind, since tfds writes into a temporary folder and renames it only when done.
 
 Safety: these datasets are distributed as Python pickles, which are loaded here with `pickle`; a pickle
 can run arbitrary code when loaded, so use only trusted copies.
