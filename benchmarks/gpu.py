@@ -9,7 +9,7 @@ where it is not installed, carry its wheel and put it on PYTHONPATH):
 Workloads (benchmarks.workloads): Omniglot 5-way 1-shot Conv4, second and first order, meta-batch 32; 20-way
 1-shot 5 steps, meta-batch 16; mini-ImageNet-shaped Conv4 (84x84x3, 32 filters) 5-way 1-shot 5 steps,
 meta-batch 4; sinusoid, meta-batch 25 (synthetic data throughout). Implementations: ours with `Vmap` and with
-`Map` (the library's `Im2Col` convolutions), ours with `Vmap` and `LaxConv` (the platform's convolution), and
+`Map` (the library's default convolutions: `Im2Col` for the first block, `Winograd` after), ours with `Vmap` and `LaxConv` (the platform's convolution), and
 higher, torch.func vmapped and looped, learn2learn, each where it imports.
 
 For each workload: every peer's float32 meta-gradient is checked against ours on the same parameters and data
@@ -45,10 +45,10 @@ from .compare import RssPeak, matmul_gflops, ours_meta_grad, peer_meta_grad, rel
 from .ours import Ours, build_model, torch_params
 from .workloads import WORKLOADS, Workload, synthetic_batch
 
-# Ours: (batching, convolution form); the convolution form does not apply to the MLP.
+# Ours: (batching, convolution form, None for the library's default); the form does not apply to the MLP.
 OURS = {
-    "ours-vmap": (maml.Vmap(), maml.nn.Im2Col()),
-    "ours-map": (maml.Map(), maml.nn.Im2Col()),
+    "ours-vmap": (maml.Vmap(), None),
+    "ours-map": (maml.Map(), None),
     "ours-vmap-laxconv": (maml.Vmap(), maml.nn.LaxConv()),
 }
 IMPLS = (*OURS, *peers.PEERS)

@@ -25,11 +25,13 @@ def default_batching(w: Workload) -> maml.AbstractBatching:
     return maml.convolution_batching(jax.default_backend())
 
 
-def build_model(w: Workload, key=None, conv: maml.nn.AbstractConv3x3 = maml.nn.Im2Col()):
-    """The workload's model (Conv4 with the convolution form `conv`, the library's default `Im2Col`)."""
+def build_model(w: Workload, key=None, conv=None):
+    """The workload's model: Conv4 with the convolution form(s) `conv` (None: the library's default,
+    `Im2Col` for the first block and `Winograd` after), or the sinusoid MLP."""
     key = jax.random.PRNGKey(0) if key is None else key
     if w.model == "conv4":
-        return maml.nn.Conv4(w.channels, w.ways, w.filters, w.image_size, conv=conv, key=key)
+        convs = {} if conv is None else {"conv": conv}
+        return maml.nn.Conv4(w.channels, w.ways, w.filters, w.image_size, key=key, **convs)
     return maml.nn.MLP(1, 1, (40, 40), key=key)
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import maml
-from benchmarks.conv_forms import Mixed, Shifted, Winograd
-from maml.nn import Im2Col, LaxConv, batch_norm, max_pool_2x2
+from benchmarks.conv_forms import Mixed, Shifted
+from maml.nn import Im2Col, LaxConv, Winograd, batch_norm, max_pool_2x2
 
 # Correctness tests: the graphs are big and run once, so compile them without backend optimisation.
 _jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -54,8 +54,9 @@ def tiny_tasks(key, b=2, ways=3, shots=2, queries=2, size=16, channels=1):
     return maml.Task(sx, sy, qx, qy)
 
 
-def tiny_model(key, conv=Im2Col(), filters=3, size=16, channels=1, ways=3):
-    net = maml.nn.Conv4(channels, ways, filters, size, conv=conv, key=key)
+def tiny_model(key, conv=None, filters=3, size=16, channels=1, ways=3):
+    """A small Conv4 with the convolution form(s) `conv` (None: the library's default)."""
+    net = maml.nn.Conv4(channels, ways, filters, size, key=key, **({} if conv is None else {"conv": conv}))
     # Non-trivial batch-norm parameters so their gradients are exercised.
     k1, k2 = jax.random.split(jax.random.fold_in(key, 7))
     scales = tuple(1.0 + 0.1 * jax.random.normal(jax.random.fold_in(k1, i), s.shape) for i, s in enumerate(net.bn_scales))
@@ -79,6 +80,25 @@ def test_conv_forms_match_lax(x64, conv):
     g = lambda x, w: jnp.sum(jnp.sin(ref_conv(x, w)))
     for a, b in zip(_jit(jax.grad(f, (0, 1)))(x, w), _jit(jax.grad(g, (0, 1)))(x, w)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_winograd_float32_accuracy():
+    """In float32 at Conv4's block-2 size, Winograd's extra rounding stays near im2col's (both against the
+    float64 convolution)."""
+    kx, kw = jax.random.split(jax.random.PRNGKey(10))
+    x = jax.random.normal(kx, (4, 14, 14, 64))
+    w = jax.random.normal(kw, (3, 3, 64, 64)) / 24.0
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    exact = sum(np.einsum("nhwc,cf->nhwf", xp[:, i : i + 14, j : j + 14], np.asarray(w, np.float64)[i, j])
+                for i in range(3) for j in range(3))
+    err = {type(c).__name__: rel_err(c(x, w), exact) for c in (Winograd(), Im2Col())}
+    assert err["Winograd"] < 1e-6 and err["Winograd"] < 2 * err["Im2Col"], err
+    assert err["Im2Col"] > 1e-9, err  # the reference is float64, the forms float32
+
+
+def test_conv4_default_convolutions():
+    net = maml.nn.Conv4(key=jax.random.PRNGKey(0))
+    assert net.convs == (Im2Col(), Winograd(), Winograd(), Winograd())
 
 
 def test_max_pool_matches_reduce_window(x64):
@@ -158,7 +178,7 @@ def test_meta_gradient_finite_differences(x64):
 
 def test_meta_hvp_forward_over_reverse_matches_reference(x64):
     key = jax.random.PRNGKey(8)
-    net = tiny_model(key, conv=(Im2Col(), Shifted(), LaxConv(), Im2Col()))
+    net = tiny_model(key, conv=(Im2Col(), Winograd(), LaxConv(), Winograd()))
     task = jax.tree.map(lambda a: a[0], tiny_tasks(jax.random.fold_in(key, 1), b=1))
     inner = maml.InnerLoop(maml.nn.cross_entropy, 1, 0.4)
 

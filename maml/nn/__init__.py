@@ -4,13 +4,13 @@
 - `ResNet12`: MetaOptNet's ResNet-12 (batch statistics, global average pooling, no DropBlock);
 - `PerStep`: per-inner-step parameters of any network (MAML++ per-step batch norm);
 - `AbstractBatchModel` / `apply`: per-example models are vmapped, batch models take the whole batch;
-- layers: `Im2Col`, `LaxConv` (3x3 convolutions as values), `max_pool_2x2`, `batch_norm`;
+- layers: `Im2Col`, `Winograd`, `LaxConv` (3x3 convolutions as values), `max_pool_2x2`, `batch_norm`;
 - losses `loss_fn(model, x, y)`: `mse`, `cross_entropy`, and the metric `accuracy`.
 """
 
 from .base import AbstractBatchModel, apply
 from .conv4 import Conv4
-from .layers import AbstractConv3x3, Im2Col, LaxConv, batch_norm, im2col_3x3, max_pool_2x2
+from .layers import AbstractConv3x3, Im2Col, LaxConv, Winograd, batch_norm, im2col_3x3, max_pool_2x2
 from .losses import accuracy, cross_entropy, mse
 from .mlp import MLP
 from .per_step import PerStep, norm_params
@@ -20,7 +20,7 @@ __all__ = [
     # models
     "AbstractBatchModel", "Conv4", "MLP", "PerStep", "ResNet12", "apply", "norm_params",
     # layers
-    "AbstractConv3x3", "Im2Col", "LaxConv", "batch_norm", "im2col_3x3", "max_pool_2x2",
+    "AbstractConv3x3", "Im2Col", "LaxConv", "Winograd", "batch_norm", "im2col_3x3", "max_pool_2x2",
     # losses
     "accuracy", "cross_entropy", "mse",
 ]

@@ -9,7 +9,11 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .base import AbstractBatchModel
-from .layers import AbstractConv3x3, Im2Col, batch_norm, max_pool_2x2
+from .layers import AbstractConv3x3, Im2Col, Winograd, batch_norm, max_pool_2x2
+
+# Measured on CPUs in the whole meta-step (benchmarks/RESULTS.md, section 1): im2col for the first block
+# (1 or 3 input channels), Winograd F(2x2, 3x3) from the second (32 or 64 input channels).
+DEFAULT_CONVS: tuple[AbstractConv3x3, ...] = (Im2Col(), Winograd(), Winograd(), Winograd())
 
 
 class Conv4(AbstractBatchModel):
@@ -19,7 +23,8 @@ class Conv4(AbstractBatchModel):
     scale and offset, no running statistics), ReLU and 2x2 max-pool (VALID), then a linear head on the
     flattened `[s, s, filters]` features (`s = image_size` halved four times, rounding down). The MAML
     paper uses 64 filters on Omniglot (28x28x1) and 32 on mini-ImageNet (84x84x3). `conv` is the
-    convolution of every block (`maml.nn.Im2Col()` by default), or a sequence of four.
+    convolution of every block, or a sequence of four (by default `Im2Col()` for the first block and
+    `Winograd()` for the others, the fastest measured on CPUs).
     """
 
     conv_weights: tuple[Float[Array, "3 3 cin cout"], ...]
@@ -36,7 +41,7 @@ class Conv4(AbstractBatchModel):
         filters: int = 64,
         image_size: int = 28,
         *,
-        conv: Union[AbstractConv3x3, Sequence[AbstractConv3x3]] = Im2Col(),
+        conv: Union[AbstractConv3x3, Sequence[AbstractConv3x3]] = DEFAULT_CONVS,
         key: PRNGKeyArray,
     ):
         for name, value, low in (

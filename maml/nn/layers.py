@@ -1,7 +1,9 @@
 """Fast NHWC layers for the convolutional models, differentiable to any order.
 
-- 3x3 SAME convolutions as values (`Im2Col`, `LaxConv`; `AbstractConv3x3` for others): im2col pads,
-  takes 9 shifted slices and does one matmul (fastest on CPUs for these sizes); `LaxConv` is
+- 3x3 SAME convolutions as values (`Im2Col`, `Winograd`, `LaxConv`; `AbstractConv3x3` for others):
+  im2col pads, takes 9 shifted slices and does one matmul (fastest on CPUs for few input channels);
+  `Winograd` is F(2x2, 3x3), 16 matmuls on a quarter of the pixels (2.25x fewer multiplications and a
+  4x instead of 9x copy of the input: fastest on CPUs from 32 input channels); `LaxConv` is
   `lax.conv_general_dilated` (what accelerators' libraries implement);
 - `max_pool_2x2`: 2x2/2 max-pool (VALID: odd sizes drop their last row/column) whose derivative routes
   the tangent through an equality mask (a `jax.custom_jvp` linear in the tangent, so JAX transposes it
@@ -53,6 +55,65 @@ class Im2Col(AbstractConv3x3):
         cols = im2col_3x3(x)
         n, h, wd, k = cols.shape
         return jnp.dot(cols.reshape(n * h * wd, k), w.reshape(k, w.shape[-1])).reshape(n, h, wd, w.shape[-1])
+
+
+# Winograd F(2, 3) along one axis: input transform B^T (4 taps of a 4-wide tile -> 4 values), kernel
+# transform G (3 taps -> 4 values); the output transform A^T (4 -> 2) is written out in `_winograd_output`.
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def _winograd_input(x: Array, axis: int) -> list[Array]:
+    """B^T of F(2, 3) along `axis` (length 2T + 2, padded): the 4 transformed taps, each of length T there.
+
+    Tile t covers rows 2t .. 2t+3; viewing the axis as (T + 1) pairs of rows (a free reshape), the
+    rows are pair t and pair t + 1, so every tap is a unit-stride slice (their transposes are plain pads;
+    strided slices made the gradient slow)."""
+    shape = x.shape
+    pairs = x.reshape(shape[:axis] + (shape[axis] // 2, 2) + shape[axis + 1 :])
+    t = shape[axis] // 2 - 1
+
+    def row(first: int, which: int) -> Array:
+        index = [slice(None)] * pairs.ndim
+        index[axis], index[axis + 1] = slice(first, first + t), which
+        return pairs[tuple(index)]
+
+    r0, r1, r2, r3 = row(0, 0), row(0, 1), row(1, 0), row(1, 1)  # rows 2t, 2t+1, 2t+2, 2t+3
+    return [r0 - r2, r1 + r2, r2 - r1, r1 - r3]
+
+
+def _winograd_kernel(w: Array) -> list[Array]:
+    """G w G^T: the 16 transformed `[C, F]` kernel taps (row-major over the 4x4 tile) of `w [3, 3, C, F]`."""
+
+    def combine(coeffs, terms):
+        return sum((c * t for c, t in zip(coeffs, terms) if c != 0), start=jnp.zeros_like(terms[0]))
+
+    rows = [[combine(g, [w[i, j] for i in range(3)]) for j in range(3)] for g in _WINOGRAD_G]
+    return [combine(g, r) for r in rows for g in _WINOGRAD_G]
+
+
+def _winograd_output(m: list[list[Array]]) -> list[list[Array]]:
+    """A^T m A on the 4x4 grid `m` of `[N, T, T', F]` products: the 2x2 grid of output pixels."""
+    a = [[m[0][b] + m[1][b] + m[2][b] for b in range(4)], [m[1][b] - m[2][b] - m[3][b] for b in range(4)]]
+    return [[r[0] + r[1] + r[2], r[1] - r[2] - r[3]] for r in a]
+
+
+class Winograd(AbstractConv3x3):
+    """Winograd F(2x2, 3x3): 4x4 input tiles at stride 2 are transformed (B^T d B), multiplied tap by tap
+    with the transformed kernel (16 matmuls `[N*T*T', C] @ [C, F]`, T = ceil(H/2)) and transformed back
+    (A^T m A) to 2x2 output pixels. Exact in exact arithmetic (float64 agrees with `LaxConv` to rounding);
+    built of slices, adds and matmuls, so JAX's derivatives of any order are Winograd-shaped too."""
+
+    def __call__(self, x, w):
+        _check_conv_args(x, w)
+        n, h, wd, c = x.shape
+        th, tw = -(-h // 2), -(-wd // 2)
+        xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - wd), (0, 0)))
+        taps = [t for rows in _winograd_input(xp, 1) for t in _winograd_input(rows, 2)]  # 16 x [N, th, tw, C]
+        # Separate 2-D matmuls: XLA's CPU backend runs them (and their transposes) faster than one batched dot.
+        m = [jnp.dot(t.reshape(-1, c), u).reshape(n, th, tw, -1) for t, u in zip(taps, _winograd_kernel(w))]
+        y = _winograd_output([m[4 * a : 4 * a + 4] for a in range(4)])
+        y = jnp.stack([jnp.stack(y[0], axis=3), jnp.stack(y[1], axis=3)], axis=2)  # [N, th, 2, tw, 2, F]
+        return y.reshape(n, 2 * th, 2 * tw, -1)[:, :h, :wd, :]
 
 
 class LaxConv(AbstractConv3x3):
