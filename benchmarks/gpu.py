@@ -9,8 +9,9 @@ where it is not installed, carry its wheel and put it on PYTHONPATH):
 Workloads (benchmarks.workloads): Omniglot 5-way 1-shot Conv4, second and first order, meta-batch 32; 20-way
 1-shot 5 steps, meta-batch 16; mini-ImageNet-shaped Conv4 (84x84x3, 32 filters) 5-way 1-shot 5 steps,
 meta-batch 4; sinusoid, meta-batch 25 (synthetic data throughout). Implementations: ours with `Vmap` and with
-`Map` (the library's default convolutions: `Im2Col` for the first block, `Winograd` after), ours with `Vmap` and `LaxConv` (the platform's convolution), and
-higher, torch.func vmapped and looped, learn2learn, each where it imports.
+`Map` (the library's default convolutions: `Im2Col` for the first block, `Winograd` after), ours with `Vmap`
+and `LaxConv` (the platform's convolution), and higher, torch.func vmapped and looped, learn2learn, each where
+it imports.
 
 For each workload: every peer's float32 meta-gradient is checked against ours on the same parameters and data
 on the device (2 tasks; the relative error is reported, and above `--tol` the peer is not timed); one warm-up
