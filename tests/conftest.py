@@ -60,3 +60,16 @@ def http_dir(monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """XLA's persistent compilation cache for this test process (one per xdist worker, in its temp dir):
+    a test that runs an experiment several times (a run, then its resumption) compiles each program once.
+    Subprocesses the tests start do not inherit it."""
+    old = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "xla-cache"))
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", old)
