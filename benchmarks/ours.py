@@ -27,7 +27,7 @@ def default_batching(w: Workload) -> maml.AbstractBatching:
 
 def build_model(w: Workload, key=None, conv=None):
     """The workload's model: Conv4 with the convolution form(s) `conv` (None: the library's default,
-    `Im2Col` for the first block and `Winograd` after), or the sinusoid MLP."""
+    `maml.nn.default_convs`: `Im2Col` for the first block and `Winograd` after at these widths), or the sinusoid MLP."""
     key = jax.random.PRNGKey(0) if key is None else key
     if w.model == "conv4":
         convs = {} if conv is None else {"conv": conv}

@@ -54,9 +54,13 @@ def tiny_tasks(key, b=2, ways=3, shots=2, queries=2, size=16, channels=1):
     return maml.Task(sx, sy, qx, qy)
 
 
-def tiny_model(key, conv=None, filters=3, size=16, channels=1, ways=3):
-    """A small Conv4 with the convolution form(s) `conv` (None: the library's default)."""
-    net = maml.nn.Conv4(channels, ways, filters, size, key=key, **({} if conv is None else {"conv": conv}))
+# The library's default for the MAML paper's widths (32 and 64 filters), here on a narrow network.
+WIDE_DEFAULT = (Im2Col(), Winograd(), Winograd(), Winograd())
+
+
+def tiny_model(key, conv=WIDE_DEFAULT, filters=3, size=16, channels=1, ways=3):
+    """A small Conv4 with the convolution form(s) `conv` (by default those of a wide Conv4)."""
+    net = maml.nn.Conv4(channels, ways, filters, size, key=key, conv=conv)
     # Non-trivial batch-norm parameters so their gradients are exercised.
     k1, k2 = jax.random.split(jax.random.fold_in(key, 7))
     scales = tuple(1.0 + 0.1 * jax.random.normal(jax.random.fold_in(k1, i), s.shape) for i, s in enumerate(net.bn_scales))
@@ -97,8 +101,10 @@ def test_winograd_float32_accuracy():
 
 
 def test_conv4_default_convolutions():
-    net = maml.nn.Conv4(key=jax.random.PRNGKey(0))
-    assert net.convs == (Im2Col(), Winograd(), Winograd(), Winograd())
+    assert maml.nn.Conv4(key=jax.random.PRNGKey(0)).convs == WIDE_DEFAULT  # 64 filters
+    assert maml.nn.Conv4(3, 5, 32, 84, key=jax.random.PRNGKey(0)).convs == WIDE_DEFAULT
+    assert maml.nn.Conv4(3, 5, 31, 84, key=jax.random.PRNGKey(0)).convs == (Im2Col(),) * 4
+    assert maml.nn.default_convs(8) == (Im2Col(),) * 4 and maml.nn.default_convs(32) == WIDE_DEFAULT
 
 
 def test_max_pool_matches_reduce_window(x64):

@@ -9,7 +9,7 @@
 """
 
 from .base import AbstractBatchModel, apply
-from .conv4 import Conv4
+from .conv4 import Conv4, default_convs
 from .layers import AbstractConv3x3, Im2Col, LaxConv, Winograd, batch_norm, im2col_3x3, max_pool_2x2
 from .losses import accuracy, cross_entropy, mse
 from .mlp import MLP
@@ -18,7 +18,7 @@ from .resnet12 import ResNet12
 
 __all__ = [
     # models
-    "AbstractBatchModel", "Conv4", "MLP", "PerStep", "ResNet12", "apply", "norm_params",
+    "AbstractBatchModel", "Conv4", "MLP", "default_convs", "PerStep", "ResNet12", "apply", "norm_params",
     # layers
     "AbstractConv3x3", "Im2Col", "LaxConv", "Winograd", "batch_norm", "im2col_3x3", "max_pool_2x2",
     # losses

@@ -11,9 +11,17 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .base import AbstractBatchModel
 from .layers import AbstractConv3x3, Im2Col, Winograd, batch_norm, max_pool_2x2
 
-# Measured on CPUs in the whole meta-step (benchmarks/RESULTS.md, section 1): im2col for the first block
-# (1 or 3 input channels), Winograd F(2x2, 3x3) from the second (32 or 64 input channels).
-DEFAULT_CONVS: tuple[AbstractConv3x3, ...] = (Im2Col(), Winograd(), Winograd(), Winograd())
+# Winograd's blocks from this many input channels (benchmarks/RESULTS.md, section 1).
+WINOGRAD_MIN_CHANNELS = 32
+
+
+def default_convs(filters: int) -> tuple[AbstractConv3x3, ...]:
+    """Conv4's convolutions for `filters` channels, the fastest measured on CPUs: `Im2Col` for the first block
+    (1 or 3 input channels); after it `Winograd` F(2x2, 3x3) from 32 filters (1.2-1.4x the im2col step at the
+    MAML paper's 32 and 64), `Im2Col` below (Winograd runs only 1.1x faster there, and XLA takes twice as
+    long to compile its programs, which dominates a narrow network's cost)."""
+    later = Winograd() if filters >= WINOGRAD_MIN_CHANNELS else Im2Col()
+    return (Im2Col(), later, later, later)
 
 
 class Conv4(AbstractBatchModel):
@@ -23,8 +31,8 @@ class Conv4(AbstractBatchModel):
     scale and offset, no running statistics), ReLU and 2x2 max-pool (VALID), then a linear head on the
     flattened `[s, s, filters]` features (`s = image_size` halved four times, rounding down). The MAML
     paper uses 64 filters on Omniglot (28x28x1) and 32 on mini-ImageNet (84x84x3). `conv` is the
-    convolution of every block, or a sequence of four (by default `Im2Col()` for the first block and
-    `Winograd()` for the others, the fastest measured on CPUs).
+    convolution of every block, or a sequence of four (by default `default_convs(filters)`: `Im2Col()` for
+    the first block, then `Winograd()` from 32 filters, the fastest measured on CPUs).
     """
 
     conv_weights: tuple[Float[Array, "3 3 cin cout"], ...]
@@ -41,7 +49,7 @@ class Conv4(AbstractBatchModel):
         filters: int = 64,
         image_size: int = 28,
         *,
-        conv: Union[AbstractConv3x3, Sequence[AbstractConv3x3]] = DEFAULT_CONVS,
+        conv: Union[AbstractConv3x3, Sequence[AbstractConv3x3], None] = None,
         key: PRNGKeyArray,
     ):
         for name, value, low in (
@@ -50,6 +58,8 @@ class Conv4(AbstractBatchModel):
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"Conv4: {name}={value!r}; expected an integer >= {low}")
+        if conv is None:
+            conv = default_convs(filters)
         convs = (conv,) * 4 if isinstance(conv, AbstractConv3x3) else tuple(conv)
         if len(convs) != 4 or not all(isinstance(c, AbstractConv3x3) for c in convs):
             raise ValueError(f"Conv4: conv={conv!r}; expected a maml.nn.AbstractConv3x3 (e.g. Im2Col()) or 4 of them")
