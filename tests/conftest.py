@@ -81,8 +81,8 @@ def release_compiled_programs():
     """After each test file, drop JAX's in-memory caches, so that the file's compiled programs are freed.
 
     JAX keeps every compiled program of a process, and XLA's CPU runtime maps memory for each of its kernels
-    (about 2,500 mappings for a 5-step second-order Conv4 step): a test worker that ran most of the suite
-    reached Linux's limit of 65,530 mappings per process (`vm.max_map_count`) and was killed inside
-    the compiler. A separate run of each file would free them likewise."""
+    (about 1,400 mappings for a small 5-step second-order Conv4 step, 2,500 with Winograd): a test worker
+    that ran most of the suite reached Linux's limit of 65,530 mappings per process (`vm.max_map_count`)
+    and was killed inside the compiler. A separate run of each file would free them likewise."""
     yield
     jax.clear_caches()
