@@ -338,6 +338,20 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     i = base.index("--iterations")
     base[i + 1] = str(int(base[i + 1]) + 100)  # the same run, trained further: resumes from its checkpoint
     sinusoid.main(base + ["--out", str(out), "--wandb", "offline"])
-    runs = find_offline_runs(out / "wandb")
-    assert len(runs) == 2 and all(p.name.endswith("-" + run_id) for p in runs)
+    runs = find_offline_runs(out / "wandb", run_id)
+    assert len(runs) == 2 and runs == find_offline_runs(out / "wandb")  # both parts, and nothing else
     assert (out / "wandb_run_id").read_text() == run_id
+
+
+def test_offline_run_folders_by_id_with_wandbs_suffix(tmp_path):
+    """wandb appends -N to a run's folder name when it is taken (a resumed run starting within the same second)."""
+    names = ["offline-run-20261202_023305-abc", "offline-run-20261202_023304-abc-1", "offline-run-20261202_023304-abc",
+             "offline-run-20261202_023304-abcd", "offline-run-20261202_023304-x-2", "offline-run-20261202_023309-abc-10",
+             "offline-run-20261202_023309-abc-9"]
+    for name in names:
+        (tmp_path / "wandb" / name).mkdir(parents=True)
+    (tmp_path / "wandb" / "offline-run-20261202_023306-abc.txt").write_text("not a run")
+    got = lambda run_id: [p.name for p in find_offline_runs(tmp_path, run_id)]
+    assert got("abc") == [names[2], names[1], names[0], names[6], names[5]]
+    assert got("abcd") == [names[3]] and got("x-2") == [names[4]] and got("x") == [names[4]] and got("zz") == []
+    assert len(got(None)) == len(names)
