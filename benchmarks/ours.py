@@ -30,8 +30,7 @@ def build_model(w: Workload, key=None, conv=None):
     `maml.nn.default_convs`: `Im2Col` for the first block and `Winograd` after at these widths), or the sinusoid MLP."""
     key = jax.random.PRNGKey(0) if key is None else key
     if w.model == "conv4":
-        convs = {} if conv is None else {"conv": conv}
-        return maml.nn.Conv4(w.channels, w.ways, w.filters, w.image_size, key=key, **convs)
+        return maml.nn.Conv4(w.channels, w.ways, w.filters, w.image_size, conv=conv, key=key)
     return maml.nn.MLP(1, 1, (40, 40), key=key)
 
 

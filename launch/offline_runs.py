@@ -156,6 +156,6 @@ def find_offline_runs(folder: Union[str, Path], run_id: Optional[str] = None) ->
     for p in Path(folder).rglob("offline-run-*"):
         m = _RUN_FOLDER.fullmatch(p.name)
         if p.is_dir() and m and (run_id is None or _is_run(m[2], run_id)):
-            suffix = re.search(r"-(\d+)$", m[2]) if run_id is None or m[2] != run_id else None
+            suffix = re.search(r"-(\d+)$", m[2]) if m[2] != run_id else None
             found.append(((m[1], int(suffix[1]) if suffix else 0), p))
     return [p for _, p in sorted(found, key=lambda kp: kp[0])]
