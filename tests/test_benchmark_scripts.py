@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from benchmarks import gpu, peers, profile_step
+from benchmarks import compare, gpu, peers, profile_step
 from benchmarks.workloads import WORKLOADS
 
 
@@ -60,6 +60,31 @@ def test_bad_flags_are_one_line_errors(capsys):
                         (["--budget-s", "0"], "--budget-s 0.0 and --min-rounds 3: expected positive values")):
         with pytest.raises(SystemExit):
             gpu.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert match in err, err
+
+
+def test_compare_times_each_implementation_at_its_fastest_pause(capsys):
+    """benchmarks.compare as run, on the sinusoid: each pause is a protocol of its own rounds, every row reports
+    them all and its fastest; peers that do not import are notes."""
+    compare.main(["--workloads", "sinusoid", "--repeats", "2", "--settle", "0,0.01", "--json"])
+    rows = {r["impl"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert set(rows) == set(compare.IMPLS)
+    ours = rows["ours"]
+    assert set(ours["tasks_per_s_by_settle"]) == {"0.0", "0.01"} and set(ours["cpu_s_in_pause_after"]) == {"0.01"}
+    assert ours["tasks_per_s"] == max(ours["tasks_per_s_by_settle"].values())
+    assert ours["tasks_per_s_by_settle"][str(ours["settle_s"])] == ours["tasks_per_s"]
+    assert ours["cpu_s_in_pause_after"]["0.01"] >= 0 and ours["gflop_per_iter"] > 0
+    for name in peers.PEERS:
+        assert "note" in rows[name] or rows[name]["tasks_per_s"] > 0, rows[name]
+
+
+def test_compare_bad_flags_are_one_line_errors(capsys):
+    for argv, match in ((["--settle", "0,half"], "--settle: '0,half'; expected comma-separated seconds"),
+                        (["--settle", "-1"], "--settle: '-1'; expected pauses of 0 to 60 seconds"),
+                        (["--impls", "torch"], "--impls: 'torch'; expected names from")):
+        with pytest.raises(SystemExit):
+            compare.main(argv)
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert match in err, err
 
