@@ -29,7 +29,7 @@ from data.images import (
     load_mini_imagenet,
     load_tiered_imagenet,
 )
-from data.images.common import DatasetError, decode_image
+from data.images.files import DatasetError, decode_image
 
 MINI = {"train": 64, "val": 16, "test": 20}
 TIERED = {"train": 351, "val": 97, "test": 160}

@@ -33,7 +33,8 @@ from data.images.cifar import (
     load_cifar_fs,
     load_fc100,
 )
-from data.images.common import SPLITS, DatasetError, FewShotSplit, class_major
+from data.images.common import SPLITS, FewShotSplit, class_major
+from data.images.files import DatasetError
 from data.images.mini_imagenet import MiniImageNet, load_mini_imagenet
 from data.images.tiered_imagenet import TieredImageNet, load_tiered_imagenet
 

@@ -24,16 +24,11 @@ from data.images.common import (
     FewShotSplit,
     ImageSplitsBuilder,
     PreparedSplit,
-    as_text,
     build_and_read,
-    check_not_html,
     check_splits,
-    fail,
-    find_form,
-    get_key,
     grouped_split,
-    unpickle,
 )
+from data.images.files import as_text, check_not_html, fail, find_form, get_key, unpickle
 from data.omniglot import _sha256
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"

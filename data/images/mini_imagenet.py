@@ -25,17 +25,11 @@ from data.images.common import (
     FewShotSplit,
     ImageSplitsBuilder,
     PreparedSplit,
-    as_text,
-    check_not_html,
     check_splits,
-    decode_image,
-    fail,
-    form_paths,
     load_form,
-    get_key,
     grouped_split,
-    load_pickle,
 )
+from data.images.files import as_text, check_not_html, decode_image, fail, form_paths, get_key, load_pickle
 
 DATASET = "mini_imagenet"
 IMAGE_SIZE = 84

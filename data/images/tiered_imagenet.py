@@ -30,20 +30,22 @@ import tensorflow_datasets as tfds
 
 from data.images.common import (
     SPLITS,
-    DatasetError,
     FewShotSplit,
     ImageSplitsBuilder,
     PreparedSplit,
+    check_splits,
+    load_form,
+    grouped_split,
+)
+from data.images.files import (
+    DatasetError,
     as_text,
     check_not_html,
     check_pickle_complete,
-    check_splits,
     decode_image,
     fail,
     form_paths,
-    load_form,
     get_key,
-    grouped_split,
     load_pickle,
 )
 
