@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from launch import sweep
+from launch import sweep, sweep_config
 from launch.offline_runs import read_offline_run
 from test_logging import toy  # noqa: F401  (fixture)
 
@@ -40,8 +40,8 @@ def test_sweep_yamls_pass_the_engine_schema(path):
     assert engine.schema_violations_from_proposed_config(config) == []
     filled = engine.SweepConfig(config)
     assert engine.next_run(filled, []) is not None
-    module = importlib.import_module(sweep.experiment_module(config, str(path)))
-    assert sweep.validate(config, str(path), engine) is module.CONFIG  # every parameter is one of its flags
+    module = importlib.import_module(sweep_config.experiment_module(config, str(path)))
+    assert sweep_config.validate(config, str(path), engine) is module.CONFIG  # every parameter is one of its flags
 
 
 @pytest.mark.parametrize("change, message", [
@@ -69,9 +69,9 @@ def test_invalid_yaml_cli_prints_one_line_and_runs_nothing(toy):
 
 def test_engine_values_become_plain_flags():
     params = {"inner-lr": np.float64(0.25), "inner-steps": np.int64(3), "first-order": True}
-    params = {k: sweep.plain(v) for k, v in params.items()}
+    params = {k: sweep_config.plain(v) for k, v in params.items()}
     assert [type(v) for v in params.values()] == [float, int, bool]
-    command = sweep.expand({"command": ["${env}", "python", "-m", "x", "${args_no_boolean_flags}"]}, params)
+    command = sweep_config.expand({"command": ["${env}", "python", "-m", "x", "${args_no_boolean_flags}"]}, params)
     assert command == [sys.executable, "-m", "x", "--inner-lr=0.25", "--inner-steps=3", "--first-order"]
 
 
@@ -87,7 +87,7 @@ def test_bayes_suggestions_are_plain_numbers():
     runs = []
     for i in range(3):
         suggestion = engine.next_run(config, runs)
-        params = {k: sweep.plain(v["value"]) for k, v in suggestion.config.items()}
+        params = {k: sweep_config.plain(v["value"]) for k, v in suggestion.config.items()}
         assert type(params["lr"]) is float and type(params["steps"]) is int
         runs.append(sweep.sweep_run(engine, f"r{i}", "finished", params, [], {"loss": params["lr"]}))
     assert [r.summary_metric("loss") for r in runs] == [r.config["lr"]["value"] for r in runs]
