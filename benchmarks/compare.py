@@ -1,6 +1,7 @@
 """Ours against the PyTorch MAML peers, side by side in one process run, alternating, after warm-up.
 
-`python -m benchmarks.compare [--workloads omniglot-5w1s-2nd,...] [--impls ours,torchfunc,...] [--settle 0,0.5] [--json]`
+`python -m benchmarks.compare [--workloads omniglot-5w1s-2nd,...] [--impls ours,torchfunc,...] [--settle 0,0.5]
+[--json]`
 
 For each workload: every peer's meta-gradient is first checked against ours in float64 (on 2 tasks);
 then one warm-up step each, then `--repeats` rounds per pause of `--settle`, each running one meta-iteration
@@ -147,7 +148,7 @@ def run_workload(w: Workload, impls, repeats: int, check: bool, log, settle=(0.0
             if check and ours_grad is None:  # once per workload, for every peer
                 ours_grad = ours_meta_grad(w, model)
             err = check_peer(w, available[name], model, ours=ours_grad) if check else float("nan")
-            import torch  # imports, since the peer did
+            import torch  # the peer imported, so torch does
 
             runners[name] = available[name](w, torch_params(model, w), batch, dtype=torch.float32)
             if check:
