@@ -54,14 +54,19 @@ def test_every_form_of_ours(tmp_path):
         check_row(w, impl, r)
 
 
-def test_bad_flags_are_one_line_errors(capsys):
-    for argv, match in ((["--workloads", "imagenet"], "--workloads: 'imagenet'; expected names from"),
-                        (["--impls", "torch"], "--impls: 'torch'; expected names from"),
-                        (["--budget-s", "0"], "--budget-s 0.0 and --min-rounds 3: expected positive values")):
-        with pytest.raises(SystemExit):
-            gpu.main(argv)
-        err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert match in err, err
+@pytest.mark.parametrize("main, argv, match", [
+    (gpu.main, ["--workloads", "imagenet"], "--workloads: 'imagenet'; expected names from"),
+    (gpu.main, ["--impls", "torch"], "--impls: 'torch'; expected names from"),
+    (gpu.main, ["--budget-s", "0"], "--budget-s 0.0 and --min-rounds 3: expected positive values"),
+    (compare.main, ["--settle", "0,half"], "--settle: '0,half'; expected comma-separated seconds"),
+    (compare.main, ["--settle", "-1"], "--settle: '-1'; expected pauses of 0 to 60 seconds"),
+    (compare.main, ["--impls", "torch"], "--impls: 'torch'; expected names from"),
+])
+def test_bad_flags_are_one_line_errors(capsys, main, argv, match):
+    with pytest.raises(SystemExit):
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert match in err, err
 
 
 def test_compare_times_each_implementation_at_its_fastest_pause(capsys):
@@ -77,16 +82,6 @@ def test_compare_times_each_implementation_at_its_fastest_pause(capsys):
     assert ours["cpu_s_in_pause_after"]["0.01"] >= 0 and ours["gflop_per_iter"] > 0
     for name in peers.PEERS:
         assert "note" in rows[name] or rows[name]["tasks_per_s"] > 0, rows[name]
-
-
-def test_compare_bad_flags_are_one_line_errors(capsys):
-    for argv, match in ((["--settle", "0,half"], "--settle: '0,half'; expected comma-separated seconds"),
-                        (["--settle", "-1"], "--settle: '-1'; expected pauses of 0 to 60 seconds"),
-                        (["--impls", "torch"], "--impls: 'torch'; expected names from")):
-        with pytest.raises(SystemExit):
-            compare.main(argv)
-        err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert match in err, err
 
 
 def test_profile_of_the_step_names_its_operations(capsys):
