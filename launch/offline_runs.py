@@ -141,21 +141,16 @@ def _read(path: Path) -> OfflineRun:
     return run
 
 
-# wandb's folder of an offline run: offline-run-DATE_TIME-ID, with -N appended when that name was taken (a resumed
-# run that starts within the same second as its previous part).
-_RUN_FOLDER = re.compile(r"offline-run-(\d{8}_\d{6})-(.+)")
-
-
-def _is_run(tail: str, run_id: str) -> bool:
-    return tail == run_id or re.fullmatch(re.escape(run_id) + r"-\d+", tail) is not None
-
-
 def find_offline_runs(folder: Union[str, Path], run_id: Optional[str] = None) -> list[Path]:
-    """Offline run folders under `folder` (searched recursively), oldest first; optionally one run id's."""
+    """Offline run folders under `folder` (searched recursively), oldest first; optionally one run id's.
+
+    wandb names them offline-run-DATE_TIME-ID, with -N appended when that name was taken (a resumed run that
+    starts within the same second as its previous part): ordered by time, then N."""
+    tail = re.escape(run_id) if run_id else ".+?"
+    name = re.compile(rf"offline-run-(\d{{8}}_\d{{6}})-{tail}(?:-(\d+))?")
     found = []
     for p in Path(folder).rglob("offline-run-*"):
-        m = _RUN_FOLDER.fullmatch(p.name)
-        if p.is_dir() and m and (run_id is None or _is_run(m[2], run_id)):
-            suffix = re.search(r"-(\d+)$", m[2]) if m[2] != run_id else None
-            found.append(((m[1], int(suffix[1]) if suffix else 0), p))
-    return [p for _, p in sorted(found, key=lambda kp: kp[0])]
+        m = name.fullmatch(p.name)
+        if p.is_dir() and m:
+            found.append(((m[1], int(m[2] or 0)), p))
+    return [p for _, p in sorted(found)]
