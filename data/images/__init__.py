@@ -22,16 +22,13 @@ Safety: these datasets are distributed as Python pickles, which are loaded here 
 can run arbitrary code when loaded, so use only trusted copies.
 """
 
-from data.images.cifar import (
+from data.images.cifar import FC100, CifarFS, load_cifar_fs, load_fc100
+from data.images.cifar_classes import (
     CIFAR100_FINE_NAMES,
     CIFAR100_SUPERCLASSES,
     CIFAR_FS_SPLITS,
-    FC100,
     FC100_SPLITS,
     FC100_SUPERCLASS_SPLITS,
-    CifarFS,
-    load_cifar_fs,
-    load_fc100,
 )
 from data.images.common import SPLITS, FewShotSplit, class_major
 from data.images.files import DatasetError
