@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from data.images.cifar_classes import CIFAR_FS_SPLITS, FC100_SPLITS
 from data.images.common import (
     SPLITS,
     FewShotSplit,
@@ -29,7 +30,6 @@ from data.images.common import (
     check_splits,
     grouped_split,
 )
-from data.images.cifar_classes import CIFAR_FS_SPLITS, FC100_SPLITS
 from data.images.files import as_text, check_not_html, fail, find_form, get_key, unpickle
 from data.omniglot import _sha256
 
