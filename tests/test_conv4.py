@@ -13,7 +13,7 @@ import pytest
 
 import maml
 from benchmarks.conv_forms import Mixed, Shifted
-from maml.nn import Im2Col, LaxConv, Winograd, batch_norm, max_pool_2x2
+from maml.nn import Im2Col, LaxConv, OneDNN, Winograd, batch_norm, max_pool_2x2
 
 # Correctness tests: the graphs are big and run once, so compile them without backend optimisation.
 _jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -54,8 +54,9 @@ def tiny_tasks(key, b=2, ways=3, shots=2, queries=2, size=16, channels=1):
     return maml.Task(sx, sy, qx, qy)
 
 
-# The library's default for the MAML paper's widths (32 and 64 filters), here on a narrow network.
-WIDE_DEFAULT = (Im2Col(), Winograd(), Winograd(), Winograd())
+# The library's default for the MAML paper's widths (32 and 64 filters), here on a narrow network: the
+# float64 checks below run `OneDNN`'s derivative rules on its JAX fallback (tests/test_onednn.py: float32).
+WIDE_DEFAULT = maml.nn.default_convs(32)
 
 
 def tiny_model(key, conv=WIDE_DEFAULT, filters=3, size=16, channels=1, ways=3):
@@ -74,7 +75,9 @@ def rel_err(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
 
 
-@pytest.mark.parametrize("conv", [Im2Col(), LaxConv(), Shifted(), Mixed(), Winograd()], ids=lambda c: type(c).__name__)
+@pytest.mark.parametrize(
+    "conv", [Im2Col(), LaxConv(), Shifted(), Mixed(), Winograd(), OneDNN()], ids=lambda c: type(c).__name__
+)
 def test_conv_forms_match_lax(x64, conv):
     kx, kw, kt = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(kx, (2, 7, 6, 3))
@@ -101,6 +104,8 @@ def test_winograd_float32_accuracy():
 
 
 def test_conv4_default_convolutions():
+    wide = OneDNN() if maml.nn.onednn_available() else Winograd()
+    assert WIDE_DEFAULT == (Im2Col(), wide, wide, wide)
     assert maml.nn.Conv4(key=jax.random.PRNGKey(0)).convs == WIDE_DEFAULT  # 64 filters
     assert maml.nn.Conv4(3, 5, 32, 84, key=jax.random.PRNGKey(0)).convs == WIDE_DEFAULT
     assert maml.nn.Conv4(3, 5, 31, 84, key=jax.random.PRNGKey(0)).convs == (Im2Col(),) * 4

@@ -10,17 +10,22 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .base import AbstractBatchModel
 from .layers import AbstractConv3x3, Im2Col, Winograd, batch_norm, max_pool_2x2
+from .onednn import OneDNN
+from .onednn import available as onednn_available
 
-# Winograd's blocks from this many input channels (benchmarks/RESULTS.md, section 1).
-WINOGRAD_MIN_CHANNELS = 32
+# The wide forms' blocks from this many input channels (benchmarks/RESULTS.md, section 1).
+WIDE_MIN_CHANNELS = 32
 
 
 def default_convs(filters: int) -> tuple[AbstractConv3x3, ...]:
     """Conv4's convolutions for `filters` channels, the fastest measured on CPUs: `Im2Col` for the first block
-    (1 or 3 input channels); after it `Winograd` F(2x2, 3x3) from 32 filters (1.2-1.4x the im2col step at the
-    MAML paper's 32 and 64), `Im2Col` below (Winograd runs only 1.1x faster there, and XLA takes twice as
-    long to compile its programs, which dominates a narrow network's cost)."""
-    later = Winograd() if filters >= WINOGRAD_MIN_CHANNELS else Im2Col()
+    (1 or 3 input channels); after it, from 32 filters, `OneDNN()` where its extension is installed (1.05-1.2x
+    the Winograd step, a third of its compile time, 25-30% less peak memory) and else `Winograd` F(2x2, 3x3)
+    (1.2-1.4x the im2col step at the MAML paper's 32 and 64); `Im2Col` below 32 filters (where oneDNN's and
+    Winograd's steps run slower or barely faster, and Winograd's programs take twice as long to compile)."""
+    if filters < WIDE_MIN_CHANNELS:
+        return (Im2Col(),) * 4
+    later = OneDNN() if onednn_available() else Winograd()
     return (Im2Col(), later, later, later)
 
 
@@ -32,7 +37,8 @@ class Conv4(AbstractBatchModel):
     flattened `[s, s, filters]` features (`s = image_size` halved four times, rounding down). The MAML
     paper uses 64 filters on Omniglot (28x28x1) and 32 on mini-ImageNet (84x84x3). `conv` is the
     convolution of every block, or a sequence of four (by default `default_convs(filters)`: `Im2Col()` for
-    the first block, then `Winograd()` from 32 filters, the fastest measured on CPUs).
+    the first block, then from 32 filters `OneDNN()` where its extension is installed, else `Winograd()`:
+    the fastest measured on CPUs).
     """
 
     conv_weights: tuple[Float[Array, "3 3 cin cout"], ...]

@@ -1,0 +1,168 @@
+// oneDNN 3x3 SAME convolutions (stride 1, no bias) as XLA FFI handlers, float32, NHWC / HWIO.
+//
+//   maml_onednn_conv3x3:  x [G, N, H, W, C], w [G, 3, 3, C, F]  ->  y [G, N, H, W, F]
+//   maml_onednn_wgrad3x3: x [G, N, H, W, C], g [G, N, H, W, F]  ->  dw [G, 3, 3, C, F]
+//                         (dw[k] = d<g[k], conv(x[k], w)>/dw: the convolution's weight gradient)
+//
+// G independent groups (a vmapped batch of tasks, each with its own weights) are run one after another.
+// The convolution's data gradient is the convolution itself with the kernel flipped and transposed, so
+// these two are all a bilinear convolution needs (maml/nn/onednn.py holds the rules). Weights are
+// reordered between HWIO and oneDNN's blocked layout inside each call.
+#include <Python.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = memory::format_tag;
+using dt = memory::data_type;
+
+namespace {
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// Primitives for one shape (N, H, W, C, F), built once and shared: executing a primitive is thread-safe.
+struct Plan {
+  memory::desc x_md, y_md, hwio_md;
+  dnnl::convolution_forward::primitive_desc fwd_pd;
+  dnnl::convolution_forward fwd;
+  dnnl::reorder w_to_blocked;
+  dnnl::convolution_backward_weights::primitive_desc bwd_pd;
+  dnnl::convolution_backward_weights bwd;
+  dnnl::reorder dw_to_hwio;
+};
+
+using Shape = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>;
+
+const Plan& GetPlan(const Shape& s) {
+  static std::mutex mu;
+  static std::map<Shape, std::unique_ptr<Plan>> plans;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& slot = plans[s];
+  if (slot) return *slot;
+  auto [n, h, w, c, f] = s;
+  auto& eng = Engine();
+  auto p = std::make_unique<Plan>();
+  p->x_md = memory::desc({n, c, h, w}, dt::f32, tag::nhwc);
+  p->y_md = memory::desc({n, f, h, w}, dt::f32, tag::nhwc);
+  p->hwio_md = memory::desc({f, c, 3, 3}, dt::f32, tag::hwio);
+  memory::desc w_any({f, c, 3, 3}, dt::f32, tag::any);
+  memory::dims stride{1, 1}, pad{1, 1};
+  dnnl::convolution_forward::desc fd(dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+                                     p->x_md, w_any, p->y_md, stride, pad, pad);
+  p->fwd_pd = dnnl::convolution_forward::primitive_desc(fd, eng);
+  p->fwd = dnnl::convolution_forward(p->fwd_pd);
+  p->w_to_blocked = dnnl::reorder(dnnl::reorder::primitive_desc(eng, p->hwio_md, eng, p->fwd_pd.weights_desc()));
+  dnnl::convolution_backward_weights::desc bd(dnnl::algorithm::convolution_direct, p->x_md, w_any, p->y_md,
+                                              stride, pad, pad);
+  p->bwd_pd = dnnl::convolution_backward_weights::primitive_desc(bd, eng, p->fwd_pd);
+  p->bwd = dnnl::convolution_backward_weights(p->bwd_pd);
+  p->dw_to_hwio =
+      dnnl::reorder(dnnl::reorder::primitive_desc(eng, p->bwd_pd.diff_weights_desc(), eng, p->hwio_md));
+  slot = std::move(p);
+  return *slot;
+}
+
+ffi::Error CheckRank(const char* what, ffi::Span<const int64_t> d) {
+  if (d.size() != 5) return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(what) + " must have rank 5");
+  return ffi::Error::Success();
+}
+
+ffi::Error Conv(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (auto e = CheckRank("x", xd); e.failure()) return e;
+  if (auto e = CheckRank("w", wd); e.failure()) return e;
+  const int64_t g = xd[0], n = xd[1], h = xd[2], wi = xd[3], c = xd[4], f = wd[4];
+  try {
+    const Plan& p = GetPlan({n, h, wi, c, f});
+    auto& eng = Engine();
+    dnnl::stream stream(eng);
+    memory blocked(p.fwd_pd.weights_desc(), eng);
+    const float* xs = x.typed_data();
+    const float* ws = w.typed_data();
+    float* ys = y->typed_data();
+    for (int64_t k = 0; k < g; ++k) {
+      memory wm(p.hwio_md, eng, const_cast<float*>(ws + k * 9 * c * f));
+      p.w_to_blocked.execute(stream, wm, blocked);
+      memory xm(p.x_md, eng, const_cast<float*>(xs + k * n * h * wi * c));
+      memory ym(p.y_md, eng, ys + k * n * h * wi * f);
+      p.fwd.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, blocked}, {DNNL_ARG_DST, ym}});
+    }
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy, ffi::ResultBuffer<ffi::F32> dw) {
+  auto xd = x.dimensions(), gd = gy.dimensions();
+  if (auto e = CheckRank("x", xd); e.failure()) return e;
+  if (auto e = CheckRank("g", gd); e.failure()) return e;
+  const int64_t g = xd[0], n = xd[1], h = xd[2], wi = xd[3], c = xd[4], f = gd[4];
+  try {
+    const Plan& p = GetPlan({n, h, wi, c, f});
+    auto& eng = Engine();
+    dnnl::stream stream(eng);
+    memory blocked(p.bwd_pd.diff_weights_desc(), eng);
+    const float* xs = x.typed_data();
+    const float* gs = gy.typed_data();
+    float* out = dw->typed_data();
+    for (int64_t k = 0; k < g; ++k) {
+      memory xm(p.x_md, eng, const_cast<float*>(xs + k * n * h * wi * c));
+      memory gm(p.y_md, eng, const_cast<float*>(gs + k * n * h * wi * f));
+      p.bwd.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, gm}, {DNNL_ARG_DIFF_WEIGHTS, blocked}});
+      memory om(p.hwio_md, eng, out + k * 9 * c * f);
+      p.dw_to_hwio.execute(stream, blocked, om);
+    }
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN weight gradient: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MamlOnednnConv3x3, Conv,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MamlOnednnWgrad3x3, WeightGrad,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+
+// The Python module: `handlers()` gives {target name: PyCapsule} for `jax.ffi.register_ffi_target`.
+static PyObject* Handlers(PyObject*, PyObject*) {
+  PyObject* d = PyDict_New();
+  if (!d) return nullptr;
+  PyObject* conv = PyCapsule_New(reinterpret_cast<void*>(MamlOnednnConv3x3), nullptr, nullptr);
+  PyObject* wgrad = PyCapsule_New(reinterpret_cast<void*>(MamlOnednnWgrad3x3), nullptr, nullptr);
+  if (!conv || !wgrad || PyDict_SetItemString(d, "maml_onednn_conv3x3", conv) ||
+      PyDict_SetItemString(d, "maml_onednn_wgrad3x3", wgrad)) {
+    Py_XDECREF(conv);
+    Py_XDECREF(wgrad);
+    Py_DECREF(d);
+    return nullptr;
+  }
+  Py_DECREF(conv);
+  Py_DECREF(wgrad);
+  return d;
+}
+
+static PyMethodDef kMethods[] = {
+    {"handlers", Handlers, METH_NOARGS, "The XLA FFI handlers: {target name: PyCapsule}."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_onednn", "oneDNN 3x3 convolutions as XLA FFI handlers.",
+                              -1, kMethods};
+
+PyMODINIT_FUNC PyInit__onednn(void) { return PyModule_Create(&kModule); }

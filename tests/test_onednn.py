@@ -1,0 +1,139 @@
+"""`maml.nn.OneDNN`: oneDNN's float32 convolution through XLA's FFI against `lax.conv` (value, derivatives to
+third order, under vmap and lax.map), its derivative rules in float64 on the JAX fallback, the fallback
+without the extension, bad input.
+
+Where the extension is not built the float32 tests skip with the reason; `.ci/run` sets
+MAML_REQUIRE_ONEDNN=1 and installs oneDNN, so there a missing extension fails instead."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import maml
+from maml.nn import Im2Col, LaxConv, OneDNN, Winograd, onednn
+
+needs_extension = pytest.mark.skipif(
+    not onednn.available() and os.environ.get("MAML_REQUIRE_ONEDNN") != "1",
+    reason="maml.nn._onednn is not built (install libdnnl-dev, then pip install -e . again)",
+)
+
+
+def test_extension_present_where_required():
+    if os.environ.get("MAML_REQUIRE_ONEDNN") == "1":
+        assert onednn.available(), "MAML_REQUIRE_ONEDNN=1 but maml.nn._onednn did not import"
+
+
+def _f(conv):
+    """A loss that is nonlinear in the convolution and uses it twice (so second derivatives mix)."""
+    return lambda x, w: jnp.sum(jnp.sin(conv(x, w)) ** 2 * conv(x, 0.5 * w))
+
+
+def _cases(x, w, v):
+    """Name -> function of a convolution form: every derivative path MAML and the curvature tools use."""
+    xs, ws = jnp.stack([x, x + 1.0]), jnp.stack([w, 2.0 * w])
+    return {
+        "value": lambda c: _f(c)(x, w),
+        "grad": lambda c: jax.grad(_f(c), (0, 1))(x, w),
+        "forward-over-reverse": lambda c: jax.jvp(lambda w: jax.grad(_f(c), 1)(x, w), (w,), (v,))[1],
+        "reverse-over-reverse": lambda c: jax.grad(lambda w: jnp.sum(jax.grad(_f(c), (0, 1))(x, w)[0] ** 2))(w),
+        "third order": lambda c: jax.grad(
+            lambda x: jnp.sum(jax.jvp(lambda w: jax.grad(_f(c), 1)(x, w), (w,), (v,))[1] ** 2)
+        )(x),
+        "vmap of grad, shared weights": lambda c: jax.vmap(jax.grad(_f(c), 1), (0, None))(xs, w),
+        "grad of vmap, batched weights": lambda c: jax.grad(
+            lambda w: jnp.sum(jax.vmap(_f(c), (None, 0))(x, jnp.stack([w, 2.0 * w])))
+        )(w),
+        "vmap on axis 1": lambda c: jax.vmap(jax.grad(_f(c), (0, 1)), (1, 3))(jnp.moveaxis(xs, 0, 1), jnp.moveaxis(ws, 0, 3)),
+        "lax.map of grad": lambda c: jax.lax.map(lambda a: jax.grad(_f(c), 1)(*a), (xs, ws)),
+    }
+
+
+def _data(dtype):
+    r = np.random.RandomState(0)
+    x, w, v = r.randn(3, 6, 5, 4), r.randn(3, 3, 4, 2), r.randn(3, 3, 4, 2)
+    return (jnp.asarray(a, dtype) for a in (x, w, v))
+
+
+def _max_rel_err(a, b):
+    return max(
+        float(jnp.max(jnp.abs(p - q)) / jnp.maximum(jnp.max(jnp.abs(q)), 1e-30))
+        for p, q in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
+@pytest.mark.parametrize("case", list(_cases(*_data(np.float32))))
+@needs_extension
+def test_float32_onednn_matches_lax(case):
+    x, w, v = _data(np.float32)
+    fn = _cases(x, w, v)[case]
+    assert "maml_onednn_" in jax.jit(lambda: fn(OneDNN())).lower().as_text()  # oneDNN runs, not the fallback
+    err = _max_rel_err(jax.jit(lambda: fn(OneDNN()))(), jax.jit(lambda: fn(LaxConv()))())
+    assert err < 2e-5, err
+
+
+@pytest.mark.parametrize("case", list(_cases(*_data(np.float32))))
+def test_float64_rules_match_lax(x64, case):
+    """The same derivative rules, lowered to the JAX fallback (float64 never goes to oneDNN)."""
+    x, w, v = _data(np.float64)
+    fn = _cases(x, w, v)[case]
+    assert "maml_onednn_" not in jax.jit(lambda: fn(OneDNN())).lower().as_text()
+    assert _max_rel_err(jax.jit(lambda: fn(OneDNN()))(), fn(LaxConv())) < 1e-12
+
+
+@pytest.mark.parametrize("fallback", [Winograd(), Im2Col(), LaxConv()], ids=lambda c: type(c).__name__)
+def test_without_extension_lowers_to_fallback(monkeypatch, fallback):
+    monkeypatch.setattr(onednn, "_onednn", None)
+    x, w, v = _data(np.float32)
+    fn = _cases(x, w, v)["forward-over-reverse"]
+    assert "maml_onednn_" not in jax.jit(lambda: fn(OneDNN(fallback))).lower().as_text()
+    assert _max_rel_err(jax.jit(lambda: fn(OneDNN(fallback)))(), fn(LaxConv())) < 2e-5
+
+
+@needs_extension
+def test_float32_block_shapes():
+    """Conv4's block shapes: 1 and 64 input channels, odd sizes, fewer output channels."""
+    r = np.random.RandomState(1)
+    for n, h, c, f in [(5, 28, 1, 64), (3, 7, 64, 64), (2, 3, 64, 32)]:
+        x = jnp.asarray(r.randn(n, h, h, c), jnp.float32)
+        w = jnp.asarray(r.randn(3, 3, c, f) / np.sqrt(9 * c), jnp.float32)
+        g = jnp.asarray(r.randn(n, h, h, f), jnp.float32)
+        y, vjp = jax.vjp(jax.jit(OneDNN()), x, w)
+        y_ref, vjp_ref = jax.vjp(LaxConv(), x, w)
+        assert y.shape == (n, h, h, f)
+        assert _max_rel_err((y, *vjp(g)), (y_ref, *vjp_ref(g))) < 2e-5
+
+
+@needs_extension
+def test_float32_conv4_meta_gradient_matches_lax():
+    """Second-order MAML through a Conv4 whose blocks 2-4 run oneDNN, against the same network on `lax.conv`."""
+    key = jax.random.PRNGKey(0)
+    k1, k2 = jax.random.split(key)
+    tasks = maml.Task(
+        jax.random.normal(k1, (2, 6, 16, 16, 1)), jnp.tile(jnp.arange(3).repeat(2), (2, 1)),
+        jax.random.normal(k2, (2, 6, 16, 16, 1)), jnp.tile(jnp.arange(3).repeat(2), (2, 1)),
+    )
+    inner = maml.InnerLoop(maml.nn.cross_entropy, 2, 0.4)
+
+    def grads(conv):
+        net = maml.nn.Conv4(1, 3, 8, 16, conv=conv, key=key)
+        return jax.jit(lambda m: maml.meta_value_and_grad(m, tasks, inner, batching=maml.Map()))(net)
+
+    (loss, g), (loss_ref, g_ref) = grads((Im2Col(), OneDNN(), OneDNN(), OneDNN())), grads(LaxConv())
+    assert abs(float(loss) - float(loss_ref)) < 1e-5 * abs(float(loss_ref))
+    got = [a for a in jax.tree.leaves(g) if hasattr(a, "shape")]
+    want = [a for a in jax.tree.leaves(g_ref) if hasattr(a, "shape")]
+    assert _max_rel_err(got, want) < 1e-4
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match=r"x has shape \(2, 5, 5\).*expected x \[N, H, W, C\]"):
+        OneDNN()(jnp.ones((2, 5, 5)), jnp.ones((3, 3, 5, 4)))
+    with pytest.raises(ValueError, match=r"w \(3, 3, 4, 2\).*w \[3, 3, C, F\]"):
+        OneDNN()(jnp.ones((1, 5, 5, 3)), jnp.ones((3, 3, 4, 2)))
+    with pytest.raises(ValueError, match="x is float32 and w int32; expected one dtype"):
+        OneDNN()(jnp.ones((1, 5, 5, 4)), jnp.ones((3, 3, 4, 2), jnp.int32))
