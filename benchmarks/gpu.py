@@ -9,7 +9,8 @@ where it is not installed, carry its wheel and put it on PYTHONPATH):
 Workloads (benchmarks.workloads): Omniglot 5-way 1-shot Conv4, second and first order, meta-batch 32; 20-way
 1-shot 5 steps, meta-batch 16; mini-ImageNet-shaped Conv4 (84x84x3, 32 filters) 5-way 1-shot 5 steps,
 meta-batch 4; sinusoid, meta-batch 25 (synthetic data throughout). Implementations: ours with `Vmap` and with
-`Map` (the library's default convolutions: `Im2Col` for the first block, `Winograd` after), ours with `Vmap`
+`Map` (the library's default convolutions: `Im2Col` for the first block, then `OneDNN`, which off the CPU
+runs its JAX fallback `Winograd`), ours with `Vmap`
 and `LaxConv` (the platform's convolution), and higher, torch.func vmapped and looped, learn2learn, each where
 it imports.
 

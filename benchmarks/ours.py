@@ -27,7 +27,8 @@ def default_batching(w: Workload) -> maml.AbstractBatching:
 
 def build_model(w: Workload, key=None, conv=None):
     """The workload's model: Conv4 with the convolution form(s) `conv` (None: the library's default,
-    `maml.nn.default_convs`: `Im2Col` for the first block and `Winograd` after at these widths), or the sinusoid MLP."""
+    `maml.nn.default_convs`: `Im2Col` for the first block and `OneDNN` after at these widths, `Winograd` where
+    the extension is not built), or the sinusoid MLP."""
     key = jax.random.PRNGKey(0) if key is None else key
     if w.model == "conv4":
         return maml.nn.Conv4(w.channels, w.ways, w.filters, w.image_size, conv=conv, key=key)

@@ -80,6 +80,8 @@ def test_compare_times_each_implementation_at_its_fastest_pause(capsys):
     assert ours["tasks_per_s"] == max(ours["tasks_per_s_by_settle"].values())
     assert ours["tasks_per_s_by_settle"][str(ours["settle_s"])] == ours["tasks_per_s"]
     assert ours["cpu_s_in_pause_after"]["0.01"] >= 0 and ours["gflop_per_iter"] > 0
+    # ours' memory: the larger of XLA's count and a compiled step's resident-set growth (oneDNN's buffers)
+    assert ours["peak_mem_mb"] == max(ours["xla_peak_mb"], ours["rss_growth_mb"]) and ours["xla_peak_mb"] > 0
     for name in peers.PEERS:
         assert "note" in rows[name] or rows[name]["tasks_per_s"] > 0, rows[name]
 
