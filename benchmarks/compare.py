@@ -3,7 +3,8 @@
 `python -m benchmarks.compare [--workloads omniglot-5w1s-2nd,...] [--impls ours,torchfunc,...] [--settle 0,0.5]
 [--json]`
 
-For each workload: every peer's meta-gradient is first checked against ours in float64 (on 2 tasks);
+For each workload: every peer's meta-gradient is first checked against ours in float64 (on 2 tasks), and
+our float32 one (the form that is timed) against our float64 one;
 then one warm-up step each, then `--repeats` rounds per pause of `--settle`, each running one meta-iteration
 of every implementation in turn, with that pause (seconds asleep) before each timed step: 0 measures each
 step right after another library's, a pause measures each after the machine went quiet. Every
@@ -159,6 +160,12 @@ def run_workload(w: Workload, impls, repeats: int, check: bool, log, settle=(0.0
         except RuntimeError as e:  # a wrong meta-gradient: reported, not timed
             notes[name] = f"not timed: {e}"
             log(f"  {name}: {e}")
+    if check and "ours" in runners:  # the timed float32 path (oneDNN on the CPU) against our float64 one
+        ours_grad = ours_meta_grad(w, model) if ours_grad is None else ours_grad
+        err32 = relative_error(ours_meta_grad(w, model, "float32"), ours_grad)
+        log(f"  ours: float32 meta-gradient relative error vs float64 {err32:.1e}")
+        if not err32 < 1e-4:
+            raise RuntimeError(f"ours on {w.name}: float32 meta-gradient relative error {err32:.2e} > 1e-4")
     mem, mem_parts = {}, {}
     for name, r in runners.items():  # warm-up (compilation) and memory
         if name == "ours":

@@ -109,6 +109,28 @@ def test_float32_block_shapes():
 
 
 @needs_extension
+def test_float32_concurrent_calls():
+    """Independent convolutions and weight gradients of one shape in one program, which XLA runs on several
+    threads at once: each call must bring its own scratchpad (oneDNN's shared one gave errors of order 1)."""
+    r = np.random.RandomState(2)
+    k, n, h, c = 6, 8, 14, 64
+    xs = jnp.asarray(r.randn(k, n, h, h, c), jnp.float32)
+    ws = jnp.asarray(r.randn(k, 3, 3, c, c) / 24, jnp.float32)
+    gs = jnp.asarray(r.randn(k, n, h, h, c), jnp.float32)
+
+    def many(conv):
+        def one(x, w, g):
+            y, vjp = jax.vjp(conv, x, w)
+            return (y, *vjp(g))
+
+        return jax.jit(lambda xs, ws, gs: [one(xs[i], ws[i], gs[i]) for i in range(k)])
+
+    ref, run = many(LaxConv())(xs, ws, gs), many(OneDNN())
+    for _ in range(5):
+        assert _max_rel_err(run(xs, ws, gs), ref) < 2e-5
+
+
+@needs_extension
 def test_float32_conv4_meta_gradient_matches_lax():
     """Second-order MAML through a Conv4 whose blocks 2-4 run oneDNN, against the same network on `lax.conv`."""
     key = jax.random.PRNGKey(0)

@@ -8,6 +8,10 @@
 // The convolution's data gradient is the convolution itself with the kernel flipped and transposed, so
 // these two are all a bilinear convolution needs (maml/nn/onednn.py holds the rules). Weights are
 // reordered between HWIO and oneDNN's blocked layout inside each call.
+//
+// XLA runs these handlers on any of its threads, several at once. oneDNN's default (library) scratchpad
+// is shared per creating thread and must not migrate between threads, so every primitive here takes a
+// user scratchpad, allocated for each call: then one primitive may run in several threads at once.
 #include <Python.h>
 
 #include <cstdint>
@@ -32,14 +36,16 @@ dnnl::engine& Engine() {
   return engine;
 }
 
-// Primitives for one shape (N, H, W, C, F), built once and shared: executing a primitive is thread-safe.
+// Primitives for one shape (N, H, W, C, F), built once and shared (each execution brings its own scratchpad).
 struct Plan {
   memory::desc x_md, y_md, hwio_md;
   dnnl::convolution_forward::primitive_desc fwd_pd;
   dnnl::convolution_forward fwd;
+  dnnl::reorder::primitive_desc w_to_blocked_pd;
   dnnl::reorder w_to_blocked;
   dnnl::convolution_backward_weights::primitive_desc bwd_pd;
   dnnl::convolution_backward_weights bwd;
+  dnnl::reorder::primitive_desc dw_to_hwio_pd;
   dnnl::reorder dw_to_hwio;
 };
 
@@ -59,17 +65,20 @@ const Plan& GetPlan(const Shape& s) {
   p->hwio_md = memory::desc({f, c, 3, 3}, dt::f32, tag::hwio);
   memory::desc w_any({f, c, 3, 3}, dt::f32, tag::any);
   memory::dims stride{1, 1}, pad{1, 1};
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   dnnl::convolution_forward::desc fd(dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
                                      p->x_md, w_any, p->y_md, stride, pad, pad);
-  p->fwd_pd = dnnl::convolution_forward::primitive_desc(fd, eng);
+  p->fwd_pd = dnnl::convolution_forward::primitive_desc(fd, attr, eng);
   p->fwd = dnnl::convolution_forward(p->fwd_pd);
-  p->w_to_blocked = dnnl::reorder(dnnl::reorder::primitive_desc(eng, p->hwio_md, eng, p->fwd_pd.weights_desc()));
+  p->w_to_blocked_pd = dnnl::reorder::primitive_desc(eng, p->hwio_md, eng, p->fwd_pd.weights_desc(), attr);
+  p->w_to_blocked = dnnl::reorder(p->w_to_blocked_pd);
   dnnl::convolution_backward_weights::desc bd(dnnl::algorithm::convolution_direct, p->x_md, w_any, p->y_md,
                                               stride, pad, pad);
-  p->bwd_pd = dnnl::convolution_backward_weights::primitive_desc(bd, eng, p->fwd_pd);
+  p->bwd_pd = dnnl::convolution_backward_weights::primitive_desc(bd, attr, eng, p->fwd_pd);
   p->bwd = dnnl::convolution_backward_weights(p->bwd_pd);
-  p->dw_to_hwio =
-      dnnl::reorder(dnnl::reorder::primitive_desc(eng, p->bwd_pd.diff_weights_desc(), eng, p->hwio_md));
+  p->dw_to_hwio_pd = dnnl::reorder::primitive_desc(eng, p->bwd_pd.diff_weights_desc(), eng, p->hwio_md, attr);
+  p->dw_to_hwio = dnnl::reorder(p->dw_to_hwio_pd);
   slot = std::move(p);
   return *slot;
 }
@@ -89,15 +98,17 @@ ffi::Error Conv(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuf
     auto& eng = Engine();
     dnnl::stream stream(eng);
     memory blocked(p.fwd_pd.weights_desc(), eng);
+    memory scratch(p.fwd_pd.scratchpad_desc(), eng), scratch_r(p.w_to_blocked_pd.scratchpad_desc(), eng);
     const float* xs = x.typed_data();
     const float* ws = w.typed_data();
     float* ys = y->typed_data();
     for (int64_t k = 0; k < g; ++k) {
       memory wm(p.hwio_md, eng, const_cast<float*>(ws + k * 9 * c * f));
-      p.w_to_blocked.execute(stream, wm, blocked);
+      p.w_to_blocked.execute(stream, {{DNNL_ARG_FROM, wm}, {DNNL_ARG_TO, blocked}, {DNNL_ARG_SCRATCHPAD, scratch_r}});
       memory xm(p.x_md, eng, const_cast<float*>(xs + k * n * h * wi * c));
       memory ym(p.y_md, eng, ys + k * n * h * wi * f);
-      p.fwd.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, blocked}, {DNNL_ARG_DST, ym}});
+      p.fwd.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, blocked}, {DNNL_ARG_DST, ym},
+                             {DNNL_ARG_SCRATCHPAD, scratch}});
     }
     stream.wait();
   } catch (const dnnl::error& e) {
@@ -116,15 +127,17 @@ ffi::Error WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy, ffi::Re
     auto& eng = Engine();
     dnnl::stream stream(eng);
     memory blocked(p.bwd_pd.diff_weights_desc(), eng);
+    memory scratch(p.bwd_pd.scratchpad_desc(), eng), scratch_r(p.dw_to_hwio_pd.scratchpad_desc(), eng);
     const float* xs = x.typed_data();
     const float* gs = gy.typed_data();
     float* out = dw->typed_data();
     for (int64_t k = 0; k < g; ++k) {
       memory xm(p.x_md, eng, const_cast<float*>(xs + k * n * h * wi * c));
       memory gm(p.y_md, eng, const_cast<float*>(gs + k * n * h * wi * f));
-      p.bwd.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, gm}, {DNNL_ARG_DIFF_WEIGHTS, blocked}});
+      p.bwd.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, gm}, {DNNL_ARG_DIFF_WEIGHTS, blocked},
+                             {DNNL_ARG_SCRATCHPAD, scratch}});
       memory om(p.hwio_md, eng, out + k * 9 * c * f);
-      p.dw_to_hwio.execute(stream, blocked, om);
+      p.dw_to_hwio.execute(stream, {{DNNL_ARG_FROM, blocked}, {DNNL_ARG_TO, om}, {DNNL_ARG_SCRATCHPAD, scratch_r}});
     }
     stream.wait();
   } catch (const dnnl::error& e) {
