@@ -14,6 +14,8 @@ meta-iteration, tasks per second, peak memory (for ours the larger of XLA's memo
 resident-set growth of a compiled step, which sees oneDNN's buffers; the first step's resident-set growth
 for peers), the ratio to the fastest peer, and our achieved GFLOP/s (XLA's cost analysis) against
 an XLA 1024x1024 matmul on this machine. Without PyTorch installed, ours alone (the peers are notes).
+Each workload also reports the share of CPU time the hypervisor stole during its timed rounds (/proc/stat):
+a virtual machine sharing its cores is not idle, whatever its load average says.
 With `--json`: one object per line instead of the table.
 """
 
@@ -33,11 +35,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maml.nn import Im2Col, Winograd
+
 from . import peers
 from .ours import Ours, build_model, torch_params
 from .workloads import WORKLOADS, Workload, synthetic_batch
 
-IMPLS = ("ours", "torchfunc", "torchfunc-loop", "higher", "l2l")
+IMPLS = ("ours", "torchfunc", "torchfunc-loop", "higher", "l2l")  # the default --impls
+# Ours with Conv4's earlier default convolutions, to measure what a change bought in the same run
+# (`--impls ours,ours-winograd`); the MLP has no convolutions, so they are notes there.
+OURS_BEFORE = {
+    "ours-winograd": (Im2Col(), Winograd(), Winograd(), Winograd()),  # the default of 2026-12-01 to -02
+    "ours-im2col": Im2Col(),  # the default before
+}
 # torch.func's vmap keeps every task's second-order graph at once: 6 GB at 5-way 1-shot, 32 tasks.
 TOO_BIG = {("torchfunc", "omniglot-20w1s-5step"): "vmap over 16 tasks x 5 second-order steps needs > 24 GB"}
 
@@ -121,6 +131,23 @@ def check_peer(w: Workload, peer_cls, model, tol: float = 1e-6, ours=None) -> fl
     return err
 
 
+def cpu_times() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs so far (/proc/stat; zeros where it does not exist): steal is time the
+    hypervisor gave these virtual CPUs to other guests."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_fraction(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Share of CPU time stolen by the hypervisor between two `cpu_times()` (nan where none was counted)."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else float("nan")
+
+
 def pause(seconds: float) -> float:
     """Sleep `seconds` (nothing when 0); returns the CPU time this process burned meanwhile (threads of the
     step before still spinning)."""
@@ -139,6 +166,12 @@ def run_workload(w: Workload, impls, repeats: int, check: bool, log, settle=(0.0
     for name in impls:
         if name == "ours":
             runners[name] = Ours(w, model, batch)
+            continue
+        if name in OURS_BEFORE:
+            if w.model == "mlp":
+                notes[name] = "skipped: the MLP has no convolutions"
+            else:
+                runners[name] = Ours(w, build_model(w, conv=OURS_BEFORE[name]), batch)
             continue
         if name not in available:
             notes[name] = f"not installed ({missing.get(name, 'unknown')})"
@@ -164,11 +197,13 @@ def run_workload(w: Workload, impls, repeats: int, check: bool, log, settle=(0.0
         ours_grad = ours_meta_grad(w, model) if ours_grad is None else ours_grad
         err32 = relative_error(ours_meta_grad(w, model, "float32"), ours_grad)
         log(f"  ours: float32 meta-gradient relative error vs float64 {err32:.1e}")
-        if not err32 < 1e-4:
-            raise RuntimeError(f"ours on {w.name}: float32 meta-gradient relative error {err32:.2e} > 1e-4")
+        # float32's own error: 3-5e-6 for one-step and 20-way Omniglot, 1.5-1.9e-3 for mini-ImageNet's five
+        # second-order steps with every form (lax.conv's 1.9e-3); a wrong convolution gives order 1
+        if not err32 < 1e-2:
+            raise RuntimeError(f"ours on {w.name}: float32 meta-gradient relative error {err32:.2e} > 1e-2")
     mem, mem_parts = {}, {}
     for name, r in runners.items():  # warm-up (compilation) and memory
-        if name == "ours":
+        if name == "ours" or name in OURS_BEFORE:
             r.step(), r.sync()
             with RssPeak() as p:  # a compiled step: counts what XLA's analysis cannot see (oneDNN's buffers)
                 r.step(), r.sync()
@@ -178,6 +213,7 @@ def run_workload(w: Workload, impls, repeats: int, check: bool, log, settle=(0.0
             with RssPeak() as p:
                 r.step()
             mem[name] = p.growth
+    stolen_from = cpu_times()
     times = {(name, s): [] for name in runners for s in settle}
     cpu = {(name, s): [] for name in runners for s in settle}
     spin = {(name, s): [] for name in runners for s in settle}
@@ -191,6 +227,8 @@ def run_workload(w: Workload, impls, repeats: int, check: bool, log, settle=(0.0
                 times[name, s].append((time.perf_counter() - t) / getattr(r, "steps_per_call", 1))
                 cpu[name, s].append((time.process_time() - c) / getattr(r, "steps_per_call", 1))
                 spin[name, s].append(pause(s))
+    steal = steal_fraction(stolen_from, cpu_times())
+    log(f"  CPU time stolen by the hypervisor during the timed rounds: {steal:.1%} (a quiet machine: near 0)")
     for name in runners:
         by_settle = {s: statistics.median(times[name, s]) for s in settle}
         best = min(settle, key=by_settle.get)  # each implementation at its fastest protocol
@@ -200,9 +238,9 @@ def run_workload(w: Workload, impls, repeats: int, check: bool, log, settle=(0.0
                       "settle_s": best, "times": times[name, best],
                       "tasks_per_s_by_settle": {str(s): w.meta_batch / t for s, t in by_settle.items()},
                       "cpu_s_in_pause_after": {str(s): statistics.median(spin[name, s]) for s in settle if s > 0},
-                      **mem_parts.get(name, {})}
-    peer_rates = [r["tasks_per_s"] for n, r in rows.items() if n != "ours"]
-    peer_cpu = [r["cpu_s_per_iter"] for n, r in rows.items() if n != "ours"]
+                      "steal_fraction": steal, **mem_parts.get(name, {})}
+    peer_rates = [r["tasks_per_s"] for n, r in rows.items() if n != "ours" and n not in OURS_BEFORE]
+    peer_cpu = [r["cpu_s_per_iter"] for n, r in rows.items() if n != "ours" and n not in OURS_BEFORE]
     for r in rows.values():
         r["ratio_to_fastest_peer"] = r["tasks_per_s"] / max(peer_rates) if peer_rates else float("nan")
         r["cpu_ratio_to_fastest_peer"] = min(peer_cpu) / r["cpu_s_per_iter"] if peer_cpu else float("nan")
@@ -260,8 +298,8 @@ def main(argv=None):
         if name not in WORKLOADS:
             p.error(f"--workloads: {name!r}; expected names from {sorted(WORKLOADS)}")
     for name in impls:
-        if name not in IMPLS:
-            p.error(f"--impls: {name!r}; expected names from {IMPLS}")
+        if name not in (*IMPLS, *OURS_BEFORE):
+            p.error(f"--impls: {name!r}; expected names from {(*IMPLS, *OURS_BEFORE)}")
     log = (lambda s: None) if args.json else print
     peak, peak_cpu = matmul_gflops()
     try:

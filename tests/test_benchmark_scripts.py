@@ -80,10 +80,33 @@ def test_compare_times_each_implementation_at_its_fastest_pause(capsys):
     assert ours["tasks_per_s"] == max(ours["tasks_per_s_by_settle"].values())
     assert ours["tasks_per_s_by_settle"][str(ours["settle_s"])] == ours["tasks_per_s"]
     assert ours["cpu_s_in_pause_after"]["0.01"] >= 0 and ours["gflop_per_iter"] > 0
+    assert 0 <= ours["steal_fraction"] <= 1 or (math.isnan(ours["steal_fraction"]) and compare.cpu_times() == (0, 0))
     # ours' memory: the larger of XLA's count and a compiled step's resident-set growth (oneDNN's buffers)
     assert ours["peak_mem_mb"] == max(ours["xla_peak_mb"], ours["rss_growth_mb"]) and ours["xla_peak_mb"] > 0
     for name in peers.PEERS:
         assert "note" in rows[name] or rows[name]["tasks_per_s"] > 0, rows[name]
+
+
+def test_steal_fraction():
+    assert compare.steal_fraction((10, 100), (30, 300)) == 0.1
+    assert math.isnan(compare.steal_fraction((0, 0), (0, 0)))
+
+
+def test_compare_times_ours_against_its_earlier_defaults(monkeypatch, capsys):
+    """`--impls ours,ours-winograd,ours-im2col,higher` on a tiny Conv4: ours at its earlier default convolutions
+    is timed beside the default and never counted as a peer; our timed float32 meta-gradient is checked."""
+    monkeypatch.setitem(compare.WORKLOADS, "tiny", gpu.small(WORKLOADS["omniglot-5w1s-1st"]))
+    compare.main(["--workloads", "tiny", "--impls", "ours,ours-winograd,ours-im2col,higher", "--repeats", "2",
+                  "--settle", "0", "--json"])
+    rows = {r["impl"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    higher = rows["higher"].get("tasks_per_s")
+    for name in ("ours", "ours-winograd", "ours-im2col"):
+        r = rows[name]
+        assert r["tasks_per_s"] > 0 and r["peak_mem_mb"] == max(r["xla_peak_mb"], r["rss_growth_mb"]), r
+        if higher is None:  # no peer: no ratio
+            assert math.isnan(r["ratio_to_fastest_peer"]), r
+        else:
+            assert math.isclose(r["ratio_to_fastest_peer"], r["tasks_per_s"] / higher), r
 
 
 def test_profile_of_the_step_names_its_operations(capsys):
