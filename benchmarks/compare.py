@@ -22,13 +22,11 @@ With `--json`: one object per line instead of the table.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import json
 import os
 import platform
 import statistics
-import threading
 import time
 
 import jax
@@ -38,61 +36,20 @@ import numpy as np
 from maml.nn import Im2Col, Winograd
 
 from . import peers
+from .machine import RssPeak, cpu_times, matmul_gflops, pause, steal_fraction
 from .ours import Ours, build_model, torch_params
 from .workloads import WORKLOADS, Workload, synthetic_batch
 
 IMPLS = ("ours", "torchfunc", "torchfunc-loop", "higher", "l2l")  # the default --impls
-# Ours with Conv4's earlier default convolutions, to measure what a change bought in the same run
-# (`--impls ours,ours-winograd`); the MLP has no convolutions, so they are notes there.
-OURS_BEFORE = {
+# Ours: the library's default convolutions (None), and Conv4's earlier defaults, to measure what a change bought
+# in the same run (`--impls ours,ours-winograd`); the MLP has no convolutions, so those are notes there.
+OURS = {
+    "ours": None,
     "ours-winograd": (Im2Col(), Winograd(), Winograd(), Winograd()),  # the default of 2026-12-01 to -02
     "ours-im2col": Im2Col(),  # the default before
 }
 # torch.func's vmap keeps every task's second-order graph at once: 6 GB at 5-way 1-shot, 32 tasks.
 TOO_BIG = {("torchfunc", "omniglot-20w1s-5step"): "vmap over 16 tasks x 5 second-order steps needs > 24 GB"}
-
-
-def matmul_gflops(n: int = 1024, repeats: int = 20) -> tuple[float, float]:
-    """XLA float32 n x n matmul rate on this machine (median of `repeats`): per wall second and per
-    CPU second of this process (the latter is steadier on a shared machine)."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
-    f = jax.jit(lambda a, b: a @ b)
-    f(a, a).block_until_ready()
-    ts, cs = [], []
-    for _ in range(repeats):
-        t, c = time.perf_counter(), time.process_time()
-        f(a, a).block_until_ready()
-        ts.append(time.perf_counter() - t)
-        cs.append(time.process_time() - c)
-    return 2 * n**3 / statistics.median(ts) / 1e9, 2 * n**3 / statistics.median(cs) / 1e9
-
-
-class RssPeak:
-    """Peak resident-set growth (bytes) while the block runs, sampled every millisecond."""
-
-    def __enter__(self):
-        import psutil
-
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back so growth is measurable
-        except OSError:
-            pass
-        self.proc = psutil.Process(os.getpid())
-        self.base = self.peak = self.proc.memory_info().rss
-        self.done = False
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while not self.done:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self.done = True
-        self.thread.join()
-        self.growth = self.peak - self.base
 
 
 def _two_tasks(w: Workload) -> tuple[Workload, dict]:
@@ -131,47 +88,19 @@ def check_peer(w: Workload, peer_cls, model, tol: float = 1e-6, ours=None) -> fl
     return err
 
 
-def cpu_times() -> tuple[int, int]:
-    """(steal, total) jiffies of all CPUs so far (/proc/stat; zeros where it does not exist): steal is time the
-    hypervisor gave these virtual CPUs to other guests."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0, 0
-    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
-
-
-def steal_fraction(before: tuple[int, int], after: tuple[int, int]) -> float:
-    """Share of CPU time stolen by the hypervisor between two `cpu_times()` (nan where none was counted)."""
-    total = after[1] - before[1]
-    return (after[0] - before[0]) / total if total > 0 else float("nan")
-
-
-def pause(seconds: float) -> float:
-    """Sleep `seconds` (nothing when 0); returns the CPU time this process burned meanwhile (threads of the
-    step before still spinning)."""
-    if seconds <= 0:
-        return 0.0
-    c = time.process_time()
-    time.sleep(seconds)
-    return time.process_time() - c
-
-
 def run_workload(w: Workload, impls, repeats: int, check: bool, log, settle=(0.0,)) -> list[dict]:
     model = build_model(w)
     batch = synthetic_batch(w)
     runners, rows, notes, ours_grad = {}, {}, {}, None
     available, missing = peers.available()
     for name in impls:
-        if name == "ours":
-            runners[name] = Ours(w, model, batch)
-            continue
-        if name in OURS_BEFORE:
-            if w.model == "mlp":
+        if name in OURS:
+            if OURS[name] is None:
+                runners[name] = Ours(w, model, batch)
+            elif w.model == "mlp":
                 notes[name] = "skipped: the MLP has no convolutions"
             else:
-                runners[name] = Ours(w, build_model(w, conv=OURS_BEFORE[name]), batch)
+                runners[name] = Ours(w, build_model(w, conv=OURS[name]), batch)
             continue
         if name not in available:
             notes[name] = f"not installed ({missing.get(name, 'unknown')})"
@@ -203,12 +132,13 @@ def run_workload(w: Workload, impls, repeats: int, check: bool, log, settle=(0.0
             raise RuntimeError(f"ours on {w.name}: float32 meta-gradient relative error {err32:.2e} > 1e-2")
     mem, mem_parts = {}, {}
     for name, r in runners.items():  # warm-up (compilation) and memory
-        if name == "ours" or name in OURS_BEFORE:
+        if name in OURS:
             r.step(), r.sync()
             with RssPeak() as p:  # a compiled step: counts what XLA's analysis cannot see (oneDNN's buffers)
                 r.step(), r.sync()
-            mem_parts[name] = {"xla_peak_mb": r.peak_bytes() / 2**20, "rss_growth_mb": p.growth / 2**20}
-            mem[name] = max(r.peak_bytes(), p.growth)
+            xla = r.peak_bytes()
+            mem_parts[name] = {"xla_peak_mb": xla / 2**20, "rss_growth_mb": p.growth / 2**20}
+            mem[name] = max(xla, p.growth)
         else:
             with RssPeak() as p:
                 r.step()
@@ -239,8 +169,8 @@ def run_workload(w: Workload, impls, repeats: int, check: bool, log, settle=(0.0
                       "tasks_per_s_by_settle": {str(s): w.meta_batch / t for s, t in by_settle.items()},
                       "cpu_s_in_pause_after": {str(s): statistics.median(spin[name, s]) for s in settle if s > 0},
                       "steal_fraction": steal, **mem_parts.get(name, {})}
-    peer_rates = [r["tasks_per_s"] for n, r in rows.items() if n != "ours" and n not in OURS_BEFORE]
-    peer_cpu = [r["cpu_s_per_iter"] for n, r in rows.items() if n != "ours" and n not in OURS_BEFORE]
+    peer_rates = [r["tasks_per_s"] for n, r in rows.items() if n not in OURS]
+    peer_cpu = [r["cpu_s_per_iter"] for n, r in rows.items() if n not in OURS]
     for r in rows.values():
         r["ratio_to_fastest_peer"] = r["tasks_per_s"] / max(peer_rates) if peer_rates else float("nan")
         r["cpu_ratio_to_fastest_peer"] = min(peer_cpu) / r["cpu_s_per_iter"] if peer_cpu else float("nan")
@@ -298,8 +228,8 @@ def main(argv=None):
         if name not in WORKLOADS:
             p.error(f"--workloads: {name!r}; expected names from {sorted(WORKLOADS)}")
     for name in impls:
-        if name not in (*IMPLS, *OURS_BEFORE):
-            p.error(f"--impls: {name!r}; expected names from {(*IMPLS, *OURS_BEFORE)}")
+        if name not in {*IMPLS, *OURS}:
+            p.error(f"--impls: {name!r}; expected names from {(*IMPLS, *(n for n in OURS if n not in IMPLS))}")
     log = (lambda s: None) if args.json else print
     peak, peak_cpu = matmul_gflops()
     try:

@@ -43,7 +43,8 @@ import jax
 import maml
 
 from . import peers
-from .compare import RssPeak, matmul_gflops, ours_meta_grad, peer_meta_grad, relative_error
+from .compare import ours_meta_grad, peer_meta_grad, relative_error
+from .machine import RssPeak, matmul_gflops
 from .ours import Ours, build_model, torch_params
 from .workloads import WORKLOADS, Workload, synthetic_batch
 
