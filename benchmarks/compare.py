@@ -1,7 +1,7 @@
 """Ours against the PyTorch MAML peers, side by side in one process run, alternating, after warm-up.
 
 `python -m benchmarks.compare [--workloads omniglot-5w1s-2nd,...] [--impls ours,torchfunc,...] [--settle 0,0.5]
-[--json]`
+[--malloc tuned|default] [--json]`
 
 For each workload: every peer's meta-gradient is first checked against ours in float64 (on 2 tasks), and
 our float32 one (the form that is timed) against our float64 one;
@@ -15,7 +15,13 @@ resident-set growth of a compiled step, which sees oneDNN's buffers; the first s
 for peers), the ratio to the fastest peer, and our achieved GFLOP/s (XLA's cost analysis) against
 an XLA 1024x1024 matmul on this machine. Without PyTorch installed, ours alone (the peers are notes).
 Each workload also reports the share of CPU time the hypervisor stole during its timed rounds (/proc/stat):
-a virtual machine sharing its cores is not idle, whatever its load average says.
+a virtual machine sharing its cores is not idle, whatever its load average says; and each implementation's
+minor page faults per meta-iteration.
+Run from the command line with `--malloc tuned` (the default), the process restarts itself under glibc malloc
+settings that keep large freed blocks for reuse (`machine.MALLOC_TUNABLES`): eager PyTorch otherwise faults
+in fresh pages for most of its tensors (learn2learn's 5-way second-order step 1.15-1.35x slower); ours does not
+change. A run that times a peer beside our oneDNN convolutions says so (`shared_openmp`): both use the process's
+one libgomp, and oneDNN's OpenMP teams slow PyTorch's (learn2learn 1.3-1.6x), so its ratios overstate ours.
 With `--json`: one object per line instead of the table.
 """
 
@@ -27,16 +33,19 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maml.nn import Im2Col, Winograd
+from maml.nn import Im2Col, OneDNN, Winograd
+from maml.nn.onednn import available as onednn_available
 
 from . import peers
-from .machine import RssPeak, cpu_times, matmul_gflops, pause, steal_fraction
+from .machine import (MALLOC_TUNABLES, RssPeak, cpu_times, malloc_tuned, matmul_gflops, minor_faults, pause,
+                      steal_fraction, with_malloc_tunables)
 from .ours import Ours, build_model, torch_params
 from .workloads import WORKLOADS, Workload, synthetic_batch
 
@@ -86,6 +95,15 @@ def check_peer(w: Workload, peer_cls, model, tol: float = 1e-6, ours=None) -> fl
     if not err < tol:
         raise RuntimeError(f"{peer_cls.__name__} on {w.name}: meta-gradient relative error {err:.2e} > {tol}")
     return err
+
+
+def shares_openmp(runners: dict) -> bool:
+    """Whether a timed PyTorch peer runs beside one of ours whose model calls oneDNN's extension (both use the
+    first libgomp the process loaded; oneDNN's OpenMP team, started from XLA's threads, slows PyTorch's)."""
+    def calls_onednn(r) -> bool:
+        return onednn_available() and any(isinstance(c, OneDNN) for c in getattr(r.state.model, "convs", ()))
+
+    return any(n not in OURS for n in runners) and any(calls_onednn(r) for n, r in runners.items() if n in OURS)
 
 
 def run_workload(w: Workload, impls, repeats: int, check: bool, log, settle=(0.0,)) -> list[dict]:
@@ -147,18 +165,25 @@ def run_workload(w: Workload, impls, repeats: int, check: bool, log, settle=(0.0
     times = {(name, s): [] for name in runners for s in settle}
     cpu = {(name, s): [] for name in runners for s in settle}
     spin = {(name, s): [] for name in runners for s in settle}
+    faults = {(name, s): [] for name in runners for s in settle}
     for _ in range(repeats):
         for s in settle:
             pause(s)
             for name, r in runners.items():
-                t, c = time.perf_counter(), time.process_time()
+                t, c, f = time.perf_counter(), time.process_time(), minor_faults()
                 r.step()
                 r.sync()
                 times[name, s].append((time.perf_counter() - t) / getattr(r, "steps_per_call", 1))
                 cpu[name, s].append((time.process_time() - c) / getattr(r, "steps_per_call", 1))
+                faults[name, s].append((minor_faults() - f) / getattr(r, "steps_per_call", 1))
                 spin[name, s].append(pause(s))
     steal = steal_fraction(stolen_from, cpu_times())
     log(f"  CPU time stolen by the hypervisor during the timed rounds: {steal:.1%} (a quiet machine: near 0)")
+    shared_openmp = shares_openmp(runners)
+    if shared_openmp:
+        log("  warning: our oneDNN convolutions and PyTorch share this process's OpenMP runtime, which slows the "
+            "peers (learn2learn 1.3-1.6x on 5-way second order; benchmarks/RESULTS.md, section 1): their rates "
+            "here are below their best, and the ratios overstate ours")
     for name in runners:
         by_settle = {s: statistics.median(times[name, s]) for s in settle}
         best = min(settle, key=by_settle.get)  # each implementation at its fastest protocol
@@ -168,7 +193,8 @@ def run_workload(w: Workload, impls, repeats: int, check: bool, log, settle=(0.0
                       "settle_s": best, "times": times[name, best],
                       "tasks_per_s_by_settle": {str(s): w.meta_batch / t for s, t in by_settle.items()},
                       "cpu_s_in_pause_after": {str(s): statistics.median(spin[name, s]) for s in settle if s > 0},
-                      "steal_fraction": steal, **mem_parts.get(name, {})}
+                      "minor_faults_per_iter": statistics.median(faults[name, best]),
+                      "steal_fraction": steal, "shared_openmp": shared_openmp, **mem_parts.get(name, {})}
     peer_rates = [r["tasks_per_s"] for n, r in rows.items() if n not in OURS]
     peer_cpu = [r["cpu_s_per_iter"] for n, r in rows.items() if n not in OURS]
     for r in rows.values():
@@ -194,6 +220,7 @@ def print_table(results, peak, peak_cpu):
         extra = "  " + ", ".join(
             f"{s} s: {rate:.1f}" + (f" ({r['cpu_s_in_pause_after'][s]:.2f})" if s in r["cpu_s_in_pause_after"] else "")
             for s, rate in r["tasks_per_s_by_settle"].items())
+        extra += f"; {r['minor_faults_per_iter']:,.0f} page faults/iter"
         if "gflop_per_s" in r:
             extra += (f"; {r['gflop_per_iter']:.2f} GFLOP/iter, {r['gflop_per_s']:.1f} GFLOP/s = "
                      f"{r['gflop_per_s'] / peak:.0%} of matmul; per CPU-s {r['gflop_per_cpu_s']:.1f} = "
@@ -214,8 +241,13 @@ def main(argv=None):
     p.add_argument("--settle", default="0,0.5",
                    help="comma-separated pauses in seconds before each timed step, each a protocol of its own rounds; "
                         "every implementation is reported at its fastest")
+    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                   help="tuned: restart under machine.MALLOC_TUNABLES (PyTorch's best; command-line runs only); "
+                        "default: glibc's own settings")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if argv is None and args.malloc == "tuned" and not malloc_tuned():  # glibc reads its tunables at startup
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.compare", *sys.argv[1:]], with_malloc_tunables())
     try:
         settle = tuple(float(s) for s in args.settle.split(","))
     except ValueError:
@@ -240,7 +272,8 @@ def main(argv=None):
         torch_version = "not installed"
     log(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}, "
         f"torch {torch_version}; XLA 1024^2 matmul {peak:.0f} GFLOP/s ({peak_cpu:.0f} per CPU-s); "
-        f"load average {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M')}")
+        f"load average {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M')}; malloc: "
+        + (f"GLIBC_TUNABLES={MALLOC_TUNABLES}" if malloc_tuned() else "glibc's defaults"))
     results = []
     for name in workloads:
         log(f"{name}:")
@@ -249,7 +282,8 @@ def main(argv=None):
         if args.json:
             for r in rows:
                 r = {k: v for k, v in r.items() if k != "times"}
-                print(json.dumps({**r, "matmul_gflop_per_s": peak, "matmul_gflop_per_cpu_s": peak_cpu}), flush=True)
+                print(json.dumps({**r, "matmul_gflop_per_s": peak, "matmul_gflop_per_cpu_s": peak_cpu,
+                                  "malloc_tuned": malloc_tuned()}), flush=True)
     if not args.json:
         print_table(results, peak, peak_cpu)
 

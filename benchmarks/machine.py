@@ -1,10 +1,12 @@
 """What the machine gives a benchmark: XLA's matmul rate, a block's resident-set growth, the CPU time the
-hypervisor stole, and a pause that counts the CPU time burned during it."""
+hypervisor stole, page faults, a pause that counts the CPU time burned during it, and the allocator settings
+under which eager PyTorch runs at its best."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import statistics
 import threading
 import time
@@ -70,6 +72,29 @@ def steal_fraction(before: tuple[int, int], after: tuple[int, int]) -> float:
     """Share of CPU time stolen by the hypervisor between two `cpu_times()` (nan where none was counted)."""
     total = after[1] - before[1]
     return (after[0] - before[0]) / total if total > 0 else float("nan")
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (pages the kernel mapped and zeroed on first touch)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+# glibc's malloc by default serves a freed-and-reallocated large block from fresh mmap'd pages, each page
+# faulted in and zeroed again on first touch; eager PyTorch allocates its activations and gradients anew
+# for every operation, so its Conv4 steps fault in ~1.5 GB per meta-iteration. A fixed 32 MB mmap threshold
+# with the heap never trimmed keeps those blocks in the heap for reuse (benchmarks/RESULTS.md, section 1).
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
+
+
+def malloc_tuned(environ=os.environ) -> bool:
+    """Whether this process started with `MALLOC_TUNABLES` (glibc reads them at startup only)."""
+    return all(t in environ.get("GLIBC_TUNABLES", "").split(":") for t in MALLOC_TUNABLES.split(":"))
+
+
+def with_malloc_tunables(environ=os.environ) -> dict[str, str]:
+    """A copy of `environ` whose `GLIBC_TUNABLES` includes `MALLOC_TUNABLES` (after any others it had)."""
+    have = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
+    return {**environ, "GLIBC_TUNABLES": ":".join(have + [t for t in MALLOC_TUNABLES.split(":") if t not in have])}
 
 
 def pause(seconds: float) -> float:
