@@ -79,10 +79,10 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-# glibc's malloc by default serves a freed-and-reallocated large block from fresh mmap'd pages, each page
-# faulted in and zeroed again on first touch; eager PyTorch allocates its activations and gradients anew
-# for every operation, so its Conv4 steps fault in ~1.5 GB per meta-iteration. A fixed 32 MB mmap threshold
-# with the heap never trimmed keeps those blocks in the heap for reuse (benchmarks/RESULTS.md, section 1).
+# glibc's malloc by default gives large freed blocks back to the kernel (the heap's top trimmed, big blocks
+# unmapped), and their pages fault in, zeroed, on the next first touch; eager PyTorch allocates its activations
+# and gradients anew for every operation, so its Conv4 steps fault in ~1.6 GB per meta-iteration. A fixed 32 MB
+# mmap threshold with the heap never trimmed keeps those blocks for reuse (benchmarks/RESULTS.md, section 1).
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
 
 
