@@ -22,7 +22,7 @@ setup(
             "maml.nn._onednn",
             sources=["maml/nn/_onednn.cc"],
             include_dirs=_jaxlib_include(),
-            libraries=["dnnl"],
+            libraries=["dnnl", "gomp"],  # gomp: omp_set_num_threads (oneDNN runs single-threaded per item)
             extra_compile_args=["-std=c++17", "-O2", "-Wno-attributes", "-Wno-return-type"],
             language="c++",
             optional=True,

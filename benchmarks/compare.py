@@ -20,8 +20,8 @@ minor page faults per meta-iteration.
 Run from the command line with `--malloc tuned` (the default), the process restarts itself under glibc malloc
 settings that keep large freed blocks for reuse (`machine.MALLOC_TUNABLES`): eager PyTorch otherwise faults
 in fresh pages for most of its tensors (learn2learn's 5-way second-order step 1.15-1.35x slower); ours does not
-change. A run that times a peer beside our oneDNN convolutions says so (`shared_openmp`): both use the process's
-one libgomp, and oneDNN's OpenMP teams slow PyTorch's (learn2learn 1.3-1.6x), so its ratios overstate ours.
+change. Our oneDNN convolutions start no OpenMP threads (maml/nn/_onednn.cc), so they leave PyTorch's OpenMP
+runtime, which the process shares with them, as it finds it.
 With `--json`: one object per line instead of the table.
 """
 
@@ -40,8 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maml.nn import Im2Col, OneDNN, Winograd
-from maml.nn.onednn import available as onednn_available
+from maml.nn import Im2Col, Winograd
 
 from . import peers
 from .machine import (MALLOC_TUNABLES, RssPeak, cpu_times, malloc_tuned, matmul_gflops, minor_faults, pause,
@@ -95,15 +94,6 @@ def check_peer(w: Workload, peer_cls, model, tol: float = 1e-6, ours=None) -> fl
     if not err < tol:
         raise RuntimeError(f"{peer_cls.__name__} on {w.name}: meta-gradient relative error {err:.2e} > {tol}")
     return err
-
-
-def shares_openmp(runners: dict) -> bool:
-    """Whether a timed PyTorch peer runs beside one of ours whose model calls oneDNN's extension (both use the
-    first libgomp the process loaded; oneDNN's OpenMP team, started from XLA's threads, slows PyTorch's)."""
-    def calls_onednn(r) -> bool:
-        return onednn_available() and any(isinstance(c, OneDNN) for c in getattr(r.state.model, "convs", ()))
-
-    return any(n not in OURS for n in runners) and any(calls_onednn(r) for n, r in runners.items() if n in OURS)
 
 
 def run_workload(w: Workload, impls, repeats: int, check: bool, log, settle=(0.0,)) -> list[dict]:
@@ -179,11 +169,6 @@ def run_workload(w: Workload, impls, repeats: int, check: bool, log, settle=(0.0
                 spin[name, s].append(pause(s))
     steal = steal_fraction(stolen_from, cpu_times())
     log(f"  CPU time stolen by the hypervisor during the timed rounds: {steal:.1%} (a quiet machine: near 0)")
-    shared_openmp = shares_openmp(runners)
-    if shared_openmp:
-        log("  warning: our oneDNN convolutions and PyTorch share this process's OpenMP runtime, which slows the "
-            "peers (learn2learn 1.3-1.6x on 5-way second order; benchmarks/RESULTS.md, section 1): their rates "
-            "here are below their best, and the ratios overstate ours")
     for name in runners:
         by_settle = {s: statistics.median(times[name, s]) for s in settle}
         best = min(settle, key=by_settle.get)  # each implementation at its fastest protocol
@@ -194,7 +179,7 @@ def run_workload(w: Workload, impls, repeats: int, check: bool, log, settle=(0.0
                       "tasks_per_s_by_settle": {str(s): w.meta_batch / t for s, t in by_settle.items()},
                       "cpu_s_in_pause_after": {str(s): statistics.median(spin[name, s]) for s in settle if s > 0},
                       "minor_faults_per_iter": statistics.median(faults[name, best]),
-                      "steal_fraction": steal, "shared_openmp": shared_openmp, **mem_parts.get(name, {})}
+                      "steal_fraction": steal, **mem_parts.get(name, {})}
     peer_rates = [r["tasks_per_s"] for n, r in rows.items() if n not in OURS]
     peer_cpu = [r["cpu_s_per_iter"] for n, r in rows.items() if n not in OURS]
     for r in rows.values():

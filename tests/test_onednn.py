@@ -8,6 +8,8 @@ MAML_REQUIRE_ONEDNN=1 and installs oneDNN, so there a missing extension fails in
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -96,9 +98,10 @@ def test_without_extension_lowers_to_fallback(monkeypatch, fallback):
 
 @needs_extension
 def test_float32_block_shapes():
-    """Conv4's block shapes: 1 and 64 input channels, odd sizes, fewer output channels."""
+    """Conv4's block shapes: 1 and 64 input channels, odd sizes, fewer output channels; odd numbers of images
+    and one image, which a call splits unevenly or not at all over its threads."""
     r = np.random.RandomState(1)
-    for n, h, c, f in [(5, 28, 1, 64), (3, 7, 64, 64), (2, 3, 64, 32)]:
+    for n, h, c, f in [(5, 28, 1, 64), (3, 7, 64, 64), (2, 3, 64, 32), (1, 7, 64, 64)]:  # odd and 1: split
         x = jnp.asarray(r.randn(n, h, h, c), jnp.float32)
         w = jnp.asarray(r.randn(3, 3, c, f) / np.sqrt(9 * c), jnp.float32)
         g = jnp.asarray(r.randn(n, h, h, f), jnp.float32)
@@ -128,6 +131,41 @@ def test_float32_concurrent_calls():
     ref, run = many(LaxConv())(xs, ws, gs), many(OneDNN())
     for _ in range(5):
         assert _max_rel_err(run(xs, ws, gs), ref) < 2e-5
+
+
+_THREADS = """
+import collections, ctypes, os, threading
+import jax, jax.numpy as jnp
+from maml.nn import LaxConv, OneDNN
+
+def count():  # threads named like the main one: OpenMP's workers (XLA names its pools)
+    main = open(f"/proc/self/task/{os.getpid()}/comm").read()
+    return sum(open(f"/proc/self/task/{t}/comm").read() == main for t in os.listdir("/proc/self/task"))
+
+x, w = jnp.ones((75, 14, 14, 64)), jnp.ones((3, 3, 64, 64))
+step = lambda conv: jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1)))
+run = lambda f: [jax.block_until_ready(f(x, w)) for _ in range(3)]
+run(step(LaxConv()))
+before = count()
+gomp = ctypes.CDLL("libgomp.so.1")
+gomp.omp_set_num_threads(3)
+f = step(OneDNN())
+ts = [threading.Thread(target=run, args=(f,)) for _ in range(3)]
+[t.start() for t in ts], [t.join() for t in ts], run(f)
+print(before, count(), gomp.omp_get_max_threads())
+"""
+
+
+@needs_extension
+def test_float32_calls_start_no_openmp_threads():
+    """oneDNN runs single-threaded inside each call, which splits its work over XLA's own pool: an OpenMP team
+    started from XLA's threads made libgomp stop spinning for every team in the process, PyTorch's too
+    (1.3-1.6x slower). Calls from several threads start no thread, and leave the caller's OpenMP setting."""
+    out = subprocess.run([sys.executable, "-c", _THREADS], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after, omp = map(int, out.stdout.split())
+    assert after == before, f"{after - before} OpenMP threads started by oneDNN calls"
+    assert omp == 3
 
 
 @needs_extension

@@ -4,7 +4,7 @@
 //   maml_onednn_wgrad3x3: x [G, N, H, W, C], g [G, N, H, W, F]  ->  dw [G, 3, 3, C, F]
 //                         (dw[k] = d<g[k], conv(x[k], w)>/dw: the convolution's weight gradient)
 //
-// G independent groups (a vmapped batch of tasks, each with its own weights) are run one after another.
+// G independent groups (a vmapped batch of tasks, each with its own weights), split over threads (below).
 // The convolution's data gradient is the convolution itself with the kernel flipped and transposed, so
 // these two are all a bilinear convolution needs (maml/nn/onednn.py holds the rules). Weights are
 // reordered between HWIO and oneDNN's blocked layout inside each call.
@@ -12,14 +12,29 @@
 // XLA runs these handlers on any of its threads, several at once. oneDNN's default (library) scratchpad
 // is shared per creating thread and must not migrate between threads, so every primitive here takes a
 // user scratchpad, allocated for each call: then one primitive may run in several threads at once.
+//
+// oneDNN (Debian's build) parallelises with OpenMP. Called from XLA's threads, every calling thread would
+// start an OpenMP team of its own; libgomp counts all their threads, and once it manages more threads than
+// there are CPUs it stops spinning between parallel regions (100 spins instead of 300,000) for every team
+// in the process, including PyTorch's, which shares the process's one libgomp.so.1 (PyTorch 1.3-1.6x slower
+// beside these calls). So oneDNN runs single-threaded here (`omp_set_num_threads(1)` for the duration of a
+// call, restored after) and a call splits its work itself: the G groups, or each group's N images, into as
+// many items as XLA's intra-op pool has threads, run by the calling thread and tasks on that pool.
 #include <Python.h>
 
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -88,60 +103,142 @@ ffi::Error CheckRank(const char* what, ffi::Span<const int64_t> d) {
   return ffi::Error::Success();
 }
 
-ffi::Error Conv(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+// oneDNN single-threaded on this thread while in scope (OpenMP's per-thread setting, restored after: the
+// caller may be a thread whose OpenMP setting someone else relies on, e.g. Python's main thread).
+class SingleThreaded {
+ public:
+  SingleThreaded() : saved_(omp_get_max_threads()) { omp_set_num_threads(1); }
+  ~SingleThreaded() { omp_set_num_threads(saved_); }
+
+ private:
+  int saved_;
+};
+
+// Items [0, count) of `run`, each once, on the calling thread and up to count - 1 tasks on XLA's pool. The
+// caller claims items until none is left, then waits only for items another thread has already started;
+// a task that starts after that finds nothing to claim. So no thread ever waits on a task that has not
+// started, even when every pool thread is inside such a call. Returns the first error an item threw.
+struct Items {
+  std::function<void(int64_t)> run;
+  int64_t count;
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t done = 0;
+  std::string error;
+
+  void Work() {
+    SingleThreaded single;
+    for (int64_t i; (i = next.fetch_add(1)) < count;) {
+      std::string err;
+      try {
+        run(i);
+      } catch (const std::exception& e) {  // dnnl::error, std::bad_alloc
+        err = e.what();
+      }
+      std::lock_guard<std::mutex> lock(mu);
+      if (error.empty()) error = err;
+      if (++done == count) cv.notify_all();
+    }
+  }
+};
+
+std::string RunItems(ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)> run) {
+  auto items = std::make_shared<Items>();
+  items->run = std::move(run);
+  items->count = count;
+  for (int64_t t = 1; t < count; ++t) pool.Schedule([items] { items->Work(); });
+  items->Work();
+  std::unique_lock<std::mutex> lock(items->mu);
+  items->cv.wait(lock, [&] { return items->done == items->count; });
+  return items->error;
+}
+
+// How a call of G groups of N images is split: into `per_group` chunks of images per group when there are
+// fewer groups than threads, else whole groups.
+struct Split {
+  int64_t per_group;
+  int64_t Count(int64_t g) const { return g * per_group; }
+  int64_t Lo(int64_t n, int64_t j) const { return n * j / per_group; }
+};
+
+Split SplitFor(ffi::ThreadPool& pool, int64_t g, int64_t n) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  return {g == 0 || g >= threads ? 1 : std::max<int64_t>(1, std::min(n, (threads + g - 1) / g))};
+}
+
+ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (auto e = CheckRank("x", xd); e.failure()) return e;
   if (auto e = CheckRank("w", wd); e.failure()) return e;
   const int64_t g = xd[0], n = xd[1], h = xd[2], wi = xd[3], c = xd[4], f = wd[4];
-  try {
-    const Plan& p = GetPlan({n, h, wi, c, f});
+  const float* xs = x.typed_data();
+  const float* ws = w.typed_data();
+  float* ys = y->typed_data();
+  const Split split = SplitFor(pool, g, n);
+  auto item = [&](int64_t i) {
+    const int64_t k = i / split.per_group, j = i % split.per_group;
+    const int64_t lo = split.Lo(n, j), hi = split.Lo(n, j + 1);
+    if (lo == hi) return;
+    const Plan& p = GetPlan({hi - lo, h, wi, c, f});
     auto& eng = Engine();
     dnnl::stream stream(eng);
     memory blocked(p.fwd_pd.weights_desc(), eng);
     memory scratch(p.fwd_pd.scratchpad_desc(), eng), scratch_r(p.w_to_blocked_pd.scratchpad_desc(), eng);
-    const float* xs = x.typed_data();
-    const float* ws = w.typed_data();
-    float* ys = y->typed_data();
-    for (int64_t k = 0; k < g; ++k) {
-      memory wm(p.hwio_md, eng, const_cast<float*>(ws + k * 9 * c * f));
-      p.w_to_blocked.execute(stream, {{DNNL_ARG_FROM, wm}, {DNNL_ARG_TO, blocked}, {DNNL_ARG_SCRATCHPAD, scratch_r}});
-      memory xm(p.x_md, eng, const_cast<float*>(xs + k * n * h * wi * c));
-      memory ym(p.y_md, eng, ys + k * n * h * wi * f);
-      p.fwd.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, blocked}, {DNNL_ARG_DST, ym},
-                             {DNNL_ARG_SCRATCHPAD, scratch}});
-    }
+    memory wm(p.hwio_md, eng, const_cast<float*>(ws + k * 9 * c * f));
+    p.w_to_blocked.execute(stream, {{DNNL_ARG_FROM, wm}, {DNNL_ARG_TO, blocked}, {DNNL_ARG_SCRATCHPAD, scratch_r}});
+    memory xm(p.x_md, eng, const_cast<float*>(xs + (k * n + lo) * h * wi * c));
+    memory ym(p.y_md, eng, ys + (k * n + lo) * h * wi * f);
+    p.fwd.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, blocked}, {DNNL_ARG_DST, ym},
+                           {DNNL_ARG_SCRATCHPAD, scratch}});
     stream.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution: ") + e.what());
-  }
+  };
+  std::string err = RunItems(pool, split.Count(g), item);
+  if (!err.empty()) return ffi::Error(ffi::ErrorCode::kInternal, "oneDNN convolution: " + err);
   return ffi::Error::Success();
 }
 
-ffi::Error WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy, ffi::ResultBuffer<ffi::F32> dw) {
+ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy,
+                      ffi::ResultBuffer<ffi::F32> dw) {
   auto xd = x.dimensions(), gd = gy.dimensions();
   if (auto e = CheckRank("x", xd); e.failure()) return e;
   if (auto e = CheckRank("g", gd); e.failure()) return e;
-  const int64_t g = xd[0], n = xd[1], h = xd[2], wi = xd[3], c = xd[4], f = gd[4];
-  try {
-    const Plan& p = GetPlan({n, h, wi, c, f});
+  const int64_t g = xd[0], n = xd[1], h = xd[2], wi = xd[3], c = xd[4], f = gd[4], size = 9 * c * f;
+  const float* xs = x.typed_data();
+  const float* gs = gy.typed_data();
+  float* out = dw->typed_data();
+  const Split split = SplitFor(pool, g, n);
+  // A group split into chunks sums their weight gradients: each chunk writes its own, added after.
+  std::vector<float> parts(split.per_group > 1 ? split.Count(g) * size : 0, 0.0f);
+  auto item = [&](int64_t i) {
+    const int64_t k = i / split.per_group, j = i % split.per_group;
+    const int64_t lo = split.Lo(n, j), hi = split.Lo(n, j + 1);
+    float* dst = split.per_group > 1 ? parts.data() + i * size : out + k * size;
+    if (lo == hi) return std::fill(dst, dst + size, 0.0f);  // no images (N = 0, or fewer than chunks)
+    const Plan& p = GetPlan({hi - lo, h, wi, c, f});
     auto& eng = Engine();
     dnnl::stream stream(eng);
     memory blocked(p.bwd_pd.diff_weights_desc(), eng);
     memory scratch(p.bwd_pd.scratchpad_desc(), eng), scratch_r(p.dw_to_hwio_pd.scratchpad_desc(), eng);
-    const float* xs = x.typed_data();
-    const float* gs = gy.typed_data();
-    float* out = dw->typed_data();
-    for (int64_t k = 0; k < g; ++k) {
-      memory xm(p.x_md, eng, const_cast<float*>(xs + k * n * h * wi * c));
-      memory gm(p.y_md, eng, const_cast<float*>(gs + k * n * h * wi * f));
-      p.bwd.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, gm}, {DNNL_ARG_DIFF_WEIGHTS, blocked},
-                             {DNNL_ARG_SCRATCHPAD, scratch}});
-      memory om(p.hwio_md, eng, out + k * 9 * c * f);
-      p.dw_to_hwio.execute(stream, {{DNNL_ARG_FROM, blocked}, {DNNL_ARG_TO, om}, {DNNL_ARG_SCRATCHPAD, scratch_r}});
-    }
+    memory xm(p.x_md, eng, const_cast<float*>(xs + (k * n + lo) * h * wi * c));
+    memory gm(p.y_md, eng, const_cast<float*>(gs + (k * n + lo) * h * wi * f));
+    p.bwd.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, gm}, {DNNL_ARG_DIFF_WEIGHTS, blocked},
+                           {DNNL_ARG_SCRATCHPAD, scratch}});
+    memory om(p.hwio_md, eng, dst);
+    p.dw_to_hwio.execute(stream, {{DNNL_ARG_FROM, blocked}, {DNNL_ARG_TO, om}, {DNNL_ARG_SCRATCHPAD, scratch_r}});
     stream.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN weight gradient: ") + e.what());
+  };
+  std::string err = RunItems(pool, split.Count(g), item);
+  if (!err.empty()) return ffi::Error(ffi::ErrorCode::kInternal, "oneDNN weight gradient: " + err);
+  if (split.per_group > 1) {
+    for (int64_t k = 0; k < g; ++k) {
+      float* o = out + k * size;
+      const float* src = parts.data() + k * split.per_group * size;
+      std::copy(src, src + size, o);
+      for (int64_t j = 1; j < split.per_group; ++j)
+        for (int64_t e = 0; e < size; ++e) o[e] += src[j * size + e];
+    }
   }
   return ffi::Error::Success();
 }
@@ -149,9 +246,9 @@ ffi::Error WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy, ffi::Re
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MamlOnednnConv3x3, Conv,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MamlOnednnWgrad3x3, WeightGrad,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
 
 // The Python module: `handlers()` gives {target name: PyCapsule} for `jax.ffi.register_ffi_target`.
 static PyObject* Handlers(PyObject*, PyObject*) {
