@@ -144,6 +144,27 @@ def test_batch_norm_matches_textbook(x64):
     np.testing.assert_allclose(batch_norm(x, s, o), ref_bn(x, s, o), rtol=1e-12)
 
 
+@pytest.mark.parametrize("channels", [1, 3, 4])  # 9 and 27 patch columns: folded; 36: not
+def test_im2col_normalised_is_batch_norm_of_the_convolution(x64, channels):
+    """`Im2Col().normalised` takes batch norm's statistics from the patches' covariance (Conv4's first block):
+    its value and derivatives in every argument, to second order, are those of `batch_norm(conv(x, w))`."""
+    ks = jax.random.split(jax.random.PRNGKey(6), 6)
+    x = jax.random.uniform(ks[0], (3, 7, 6, channels))  # pixel-like, odd sizes (the border's zero padding)
+    w = jax.random.normal(ks[1], (3, 3, channels, 5))
+    s, o = 1.0 + jax.random.normal(ks[2], (5,)), jax.random.normal(ks[3], (5,))
+    ct = jax.random.normal(ks[4], (3, 7, 6, 5))
+    folded = lambda *a: jnp.sum(jnp.sin(Im2Col().normalised(*a)) * ct)
+    plain = lambda x, w, s, o: jnp.sum(jnp.sin(batch_norm(ref_conv(x, w), s, o)) * ct)
+    args = (x, w, s, o)
+    np.testing.assert_allclose(Im2Col().normalised(*args), ref_bn(ref_conv(x, w), s, o), rtol=1e-10, atol=1e-12)
+    for a, b in zip(jax.grad(folded, range(4))(*args), jax.grad(plain, range(4))(*args)):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
+    v = jax.random.normal(ks[5], w.shape)
+    hvp = lambda f: jax.jvp(lambda w: jax.grad(f, (0, 1, 2))(x, w, s, o), (w,), (v,))[1]  # second order
+    for a, b in zip(hvp(folded), hvp(plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
 def test_conv4_shapes_and_errors():
     net = maml.nn.Conv4(key=jax.random.PRNGKey(0))
     assert net(jnp.zeros((4, 28, 28, 1))).shape == (4, 5)

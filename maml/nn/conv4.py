@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .base import AbstractBatchModel
-from .layers import AbstractConv3x3, Im2Col, Winograd, batch_norm, max_pool_2x2
+from .layers import AbstractConv3x3, Im2Col, Winograd, max_pool_2x2
 from .onednn import OneDNN
 from .onednn import available as onednn_available
 
@@ -97,7 +97,7 @@ class Conv4(AbstractBatchModel):
         if x.ndim != 4 or x.shape[-1] != cin:
             raise ValueError(f"Conv4: x has shape {tuple(x.shape)}; expected [N, H, W, {cin}] (NHWC)")
         for w, s, o, conv in zip(self.conv_weights, self.bn_scales, self.bn_offsets, self.convs):
-            x = max_pool_2x2(jax.nn.relu(batch_norm(conv(x, w), s, o)))
+            x = max_pool_2x2(jax.nn.relu(conv.normalised(x, w, s, o)))
         x = x.reshape(x.shape[0], -1)
         if x.shape[1] != self.head_weight.shape[0]:
             raise ValueError(

@@ -46,15 +46,48 @@ class AbstractConv3x3(eqx.Module):
     def __call__(self, x: Float[Array, "N H W C"], w: Float[Array, "3 3 C F"]) -> Float[Array, "N H W F"]:
         """The convolution of `x` with `w`."""
 
+    def normalised(
+        self, x: Float[Array, "N H W C"], w: Float[Array, "3 3 C F"], scale: Float[Array, " F"],
+        offset: Float[Array, " F"], eps: float = 1e-5,
+    ) -> Float[Array, "N H W F"]:
+        """`batch_norm(self(x, w), scale, offset, eps)`: the convolution, then batch norm with the batch's own
+        statistics (a form may compute the two together)."""
+        return batch_norm(self(x, w), scale, offset, eps)
+
+
+# Im2Col folds batch norm into its matmul up to this many patch columns (9C): its statistics then come from a
+# [9C, 9C] covariance of the patches, cheap for Conv4's first block (9 or 27) but not at 64 channels (576).
+FOLD_MAX_COLUMNS = 32
+
 
 class Im2Col(AbstractConv3x3):
-    """One matmul `[N*H*W, 9C] @ [9C, F]` on the 9 shifted copies of the input (`im2col_3x3`)."""
+    """One matmul `[N*H*W, 9C] @ [9C, F]` on the 9 shifted copies of the input (`im2col_3x3`).
+
+    `normalised` (batch norm of the convolution) folds the normalisation into that matmul where 9C is at most
+    `FOLD_MAX_COLUMNS`: the output's per-channel mean is `mean(P) @ w` and its variance `diag(w^T cov(P) w)` for
+    the patches P, so the output `(P - mean(P)) @ (w * s) + offset` is written once, already normalised, and
+    never reduced (nor are its gradients: the statistics' derivatives are those of the small covariance)."""
 
     def __call__(self, x, w):
         _check_conv_args(x, w)
         cols = im2col_3x3(x)
         n, h, wd, k = cols.shape
         return jnp.dot(cols.reshape(n * h * wd, k), w.reshape(k, w.shape[-1])).reshape(n, h, wd, w.shape[-1])
+
+    def normalised(self, x, w, scale, offset, eps: float = 1e-5):
+        _check_conv_args(x, w)
+        if 9 * x.shape[-1] > FOLD_MAX_COLUMNS:
+            return batch_norm(self(x, w), scale, offset, eps)
+        cols = im2col_3x3(x)
+        n, h, wd, k = cols.shape
+        p, w2 = cols.reshape(n * h * wd, k), w.reshape(k, w.shape[-1])
+        mu = jnp.mean(p, axis=0)
+        centred = p - mu
+        cov = centred.T @ centred / p.shape[0]  # [9C, 9C]
+        s = scale * jax.lax.rsqrt(jnp.sum(w2 * (cov @ w2), axis=0) + eps)
+        # The centred patches, not P with the mean's term as a bias: then the kernel's gradient is a sum of
+        # centred terms (P's uncentred sum and the mean's term would cancel, losing float32 digits).
+        return (jnp.dot(centred, w2 * s) + offset).reshape(n, h, wd, w.shape[-1])
 
 
 # Winograd F(2, 3) along one axis: input transform B^T (4 taps of a 4-wide tile -> 4 values), kernel
