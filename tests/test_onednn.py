@@ -160,7 +160,7 @@ print(before, count(), gomp.omp_get_max_threads())
 def test_float32_calls_start_no_openmp_threads():
     """oneDNN runs single-threaded inside each call, which splits its work over XLA's own pool: an OpenMP team
     started from XLA's threads made libgomp stop spinning for every team in the process, PyTorch's too
-    (1.3-1.6x slower). Calls from several threads start no thread, and leave the caller's OpenMP setting."""
+    (1.3-1.7x slower). Calls from several threads start no thread, and leave the caller's OpenMP setting."""
     out = subprocess.run([sys.executable, "-c", _THREADS], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     before, after, omp = map(int, out.stdout.split())

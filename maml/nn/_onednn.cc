@@ -16,7 +16,7 @@
 // oneDNN (Debian's build) parallelises with OpenMP. Called from XLA's threads, every calling thread would
 // start an OpenMP team of its own; libgomp counts all their threads, and once it manages more threads than
 // there are CPUs it stops spinning between parallel regions (100 spins instead of 300,000) for every team
-// in the process, including PyTorch's, which shares the process's one libgomp.so.1 (PyTorch 1.3-1.6x slower
+// in the process, including PyTorch's, which shares the process's one libgomp.so.1 (PyTorch 1.3-1.7x slower
 // beside these calls). So oneDNN runs single-threaded here (`omp_set_num_threads(1)` for the duration of a
 // call, restored after) and a call splits its work itself: the G groups, or each group's images (convolution)
 // or output channels (weight gradient), into as many items as XLA's intra-op pool has threads, run by the

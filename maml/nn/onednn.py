@@ -16,7 +16,7 @@ same rules, so the float64 finite-difference tests check the rules the float32 o
 Both primitives carry a leading group axis G (vmapped tasks, each with its own weights). Each call runs
 oneDNN single-threaded on work items spread over XLA's intra-op threads (groups, or a group's images; the
 weight gradient's output channels), so it starts no OpenMP threads of its own: those made PyTorch's, in
-the same process, 1.3-1.6x slower.
+the same process, 1.3-1.7x slower.
 """
 
 from __future__ import annotations
