@@ -33,12 +33,12 @@ class Conv4(AbstractBatchModel):
     """Conv4 on a whole batch: `x [N, H, W, C] -> [N, classes]`.
 
     Four blocks of 3x3 SAME convolution (no bias), batch norm with the batch's own statistics (learned
-    scale and offset, no running statistics), ReLU and 2x2 max-pool (VALID), then a linear head on the
-    flattened `[s, s, filters]` features (`s = image_size` halved four times, rounding down). The MAML
-    paper uses 64 filters on Omniglot (28x28x1) and 32 on mini-ImageNet (84x84x3). `conv` is the
-    convolution of every block, or a sequence of four (by default `default_convs(filters)`: `Im2Col()` for
-    the first block, then from 32 filters `OneDNN()` where its extension is installed, else `Winograd()`:
-    the fastest measured on CPUs).
+    scale and offset, no running statistics), ReLU and 2x2 max-pool (VALID; computed as pool then ReLU,
+    the same function), then a linear head on the flattened `[s, s, filters]` features (`s = image_size`
+    halved four times, rounding down). The MAML paper uses 64 filters on Omniglot (28x28x1) and 32 on
+    mini-ImageNet (84x84x3). `conv` is the convolution of every block, or a sequence of four (by default
+    `default_convs(filters)`: `Im2Col()` for the first block, then from 32 filters `OneDNN()` where its
+    extension is installed, else `Winograd()`: the fastest measured on CPUs).
     """
 
     conv_weights: tuple[Float[Array, "3 3 cin cout"], ...]
@@ -97,7 +97,9 @@ class Conv4(AbstractBatchModel):
         if x.ndim != 4 or x.shape[-1] != cin:
             raise ValueError(f"Conv4: x has shape {tuple(x.shape)}; expected [N, H, W, {cin}] (NHWC)")
         for w, s, o, conv in zip(self.conv_weights, self.bn_scales, self.bn_offsets, self.convs):
-            x = max_pool_2x2(jax.nn.relu(conv.normalised(x, w, s, o)))
+            # ReLU after the pool: the same function (ReLU is monotone, so it commutes with the maximum), its
+            # forward and backward selects at a quarter of the size.
+            x = jax.nn.relu(max_pool_2x2(conv.normalised(x, w, s, o)))
         x = x.reshape(x.shape[0], -1)
         if x.shape[1] != self.head_weight.shape[0]:
             raise ValueError(
