@@ -4,7 +4,7 @@ Original layout (a folder, or a zip, possibly under one top folder such as `all_
 `runNN/training/classMM.png` (the 20 training images, one per class), `runNN/test/itemMM.png` (20 test
 items) and `runNN/class_labels.txt`, whose lines pair a test item with its correct training image by
 paths from the top folder: `run01/test/item01.png run01/training/class08.png`. Images are 105x105
-1-bit PNGs, resized here exactly like the training data (`data.omniglot.to_28x28`: uint8, ink 255).
+1-bit PNGs, resized here exactly like the training data (`data.omniglot_files.to_28x28`: uint8, ink 255).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 from jaxtyping import Int, UInt8
 
-from data.omniglot import to_28x28
+from data.omniglot_files import to_28x28
 
 _LABELS = re.compile(r"^(?:(.*)/)?(run\d+)/class_labels\.txt$")
 

@@ -1,214 +1,28 @@
-"""Omniglot (Lake et al. 2015) through tensorflow-datasets, without TensorFlow.
+"""Omniglot (Lake et al. 2015) as arrays, through tensorflow-datasets without TensorFlow.
 
-`OmniglotZips` is a tfds `GeneratorBasedBuilder` (array_record files) that reads the original zips
-(`images_background.zip`, `images_evaluation.zip`, `images_background_small1.zip`,
-`images_background_small2.zip`) from a folder, or downloads them from their public home, checks their
-sha256, and writes each zip as one split of 28x28 uint8 images (resized once; ink = 255, paper = 0).
-`load_omniglot` reads the splits back through tfds' data source API, merges them (deduplicating
-characters present in several zips) into class-major arrays; `split_by_alphabet` holds alphabets out.
-
-tfds without TensorFlow: `download_and_prepare` with array_record and `as_data_source` work; `tfds.load`,
-`as_dataset`/`as_numpy`, archive extraction and tfrecord writing need TensorFlow, and the download
-manager only fetches http(s) URLs (other schemes go through `tf.io.gfile`).
+`load_splits` builds the original zips once with the tfds builder `data.omniglot_builder.OmniglotZips`
+(cached, `data.cache`) and reads each split back through tfds' data source API; `load_omniglot` merges
+them (deduplicating characters present in several zips) into class-major arrays; `split_by_alphabet`
+holds alphabets out. The zips themselves (names, sha256, the 28x28 images) are `data.omniglot_files`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import io
-import itertools
 import os
-import re
-import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
 from jaxtyping import Bool, Int, Shaped, UInt8
-from PIL import Image
 
 from data import cache
+from data.omniglot_builder import OmniglotZips
+from data.omniglot_files import BASE_URL, ZIPS, present_splits
 
-IMAGE_SIZE = 28
 IMAGES_PER_CHARACTER = 20
-BASE_URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
 # Alphabets held out for meta-test when only the two minimal splits are present (57 of 242 characters).
 MINIMAL_TEST_ALPHABETS = ("Korean", "Tagalog")
-
-
-class ZipInfo(NamedTuple):
-    filename: str
-    size: int
-    sha256: str
-    background: bool  # part of the background set (True) or the evaluation set (False)
-
-
-# Sizes and sha256 as recorded by tensorflow_datasets/url_checksums/omniglot.txt.
-ZIPS: dict[str, ZipInfo] = {
-    "background": ZipInfo(
-        "images_background.zip",
-        9464212,
-        "ad41ab679c8b5d90b271ef46be6987cc81211774a695c29dcc5367b2b26ee640",
-        True,
-    ),
-    "evaluation": ZipInfo(
-        "images_evaluation.zip",
-        6462886,
-        "1f61a8f3366785b057fc117d9228e78a16e3d976c8953b2a10fcc74cf0609cee",
-        False,
-    ),
-    "small1": ZipInfo(
-        "images_background_small1.zip",
-        1319022,
-        "f38eb80f801274ac2b4dff5b24289016bfaba4a7d5bb50deebf27104ad6cb8a4",
-        True,
-    ),
-    "small2": ZipInfo(
-        "images_background_small2.zip",
-        1580917,
-        "3ccaa407515a8778e5d0861875af38b17e418f301ad5bb3b5a6b65d901a41c7f",
-        True,
-    ),
-}
-_PNG = re.compile(r"^[^/]+/([^/]+)/(character\d+)/(\d+)_(\d+)\.png$")
-
-
-def to_28x28(png: bytes | Image.Image) -> UInt8[np.ndarray, "28 28"]:
-    """A 105x105 1-bit Omniglot PNG as `uint8 [28, 28]`, ink 255 and paper 0 (Lanczos, as in MAML)."""
-    image = png if isinstance(png, Image.Image) else Image.open(io.BytesIO(png))
-    gray = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), resample=Image.Resampling.LANCZOS)
-    return 255 - np.asarray(gray, dtype=np.uint8)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def verify_zip(path: os.PathLike | str, split: str, url: str | None = None) -> Path:
-    """Check that `path` (downloaded from `url`, if given) is the published zip of `split`; return it."""
-    path, info = Path(path), ZIPS[split]
-    if not path.is_file():
-        raise ValueError(f"omniglot: {info.filename} not found at {path}; expected the original zip file")
-    digest = _sha256(path)
-    if digest != info.sha256:
-        what = f"{info.filename} downloaded from {url} to {path}" if url else str(path)
-        raise ValueError(
-            f"omniglot: {what} is corrupt or not the original {info.filename} "
-            f"(sha256 {digest}, {path.stat().st_size} bytes; expected sha256 {info.sha256}, {info.size} bytes)"
-        )
-    return path
-
-
-def present_splits(data_dir: os.PathLike | str | None) -> tuple[str, ...]:
-    """The splits whose zip (under its original name) is in `data_dir`, in `ZIPS` order."""
-    if data_dir is None or not Path(data_dir).is_dir():
-        return ()
-    return tuple(s for s, info in ZIPS.items() if (Path(data_dir) / info.filename).is_file())
-
-
-@dataclasses.dataclass(eq=False)
-class OmniglotConfig(tfds.core.BuilderConfig):
-    """Which zips to build, one split each; the config name (and cache folder) is derived from them."""
-
-    splits: tuple[str, ...] = ()
-
-
-class OmniglotZips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Omniglot from its original zips: one split per zip, 28x28 uint8 images with their labels.
-
-    Features: `image uint8 [28, 28]` (ink 255), `alphabet` (e.g. b"Greek"), `character` (b"character01"),
-    `label` (the global character number in the file name), `drawer` (1..20).
-    Zips are taken from the download config's `manual_dir`; missing ones are downloaded from `base_url`
-    unless it is None. Every zip's sha256 is checked before anything is written. Not registered in tfds'
-    global registry (so that re-importing this module is harmless): construct it directly.
-    """
-
-    name = "maml_omniglot"
-    VERSION = tfds.core.Version("1.0.0")
-    disable_shuffling = True  # records stay in zip order; `load_splits` sorts anyway
-    MANUAL_DOWNLOAD_INSTRUCTIONS = "Put any of " + ", ".join(i.filename for i in ZIPS.values()) + " in manual_dir."
-    BUILDER_CONFIGS = [  # one per non-empty subset of the zips, named like "small1-small2"
-        OmniglotConfig(name="-".join(subset), splits=subset, description="Omniglot zips: " + ", ".join(subset))
-        for size in range(1, len(ZIPS) + 1)
-        for subset in itertools.combinations(ZIPS, size)
-    ]
-
-    def __init__(self, *, splits: Sequence[str], base_url: str | None = None, **kwargs):
-        requested = tuple(splits)
-        if not requested or any(s not in ZIPS for s in requested):
-            raise ValueError(f"OmniglotZips: splits={requested!r}; expected a non-empty subset of {tuple(ZIPS)}")
-        self._base_url = base_url
-        kwargs.setdefault("file_format", "array_record")
-        super().__init__(config="-".join(s for s in ZIPS if s in requested), **kwargs)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Omniglot handwritten characters, 28x28 uint8 (ink 255), from the original zips.",
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Tensor(shape=(IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8),
-                    "alphabet": tfds.features.Text(),
-                    "character": tfds.features.Text(),
-                    "label": np.int32,
-                    "drawer": np.int32,
-                }
-            ),
-            homepage="https://github.com/brendenlake/omniglot",
-        )
-
-    def _split_generators(self, dl_manager):
-        try:
-            manual = Path(dl_manager.manual_dir)
-        except (AssertionError, ValueError):  # tfds raises AssertionError when manual_dir is absent or empty
-            manual = None
-        paths, missing = {}, []
-        for split in self.builder_config.splits:
-            local = manual / ZIPS[split].filename if manual is not None else None
-            if local is not None and local.is_file():
-                paths[split] = local
-            else:
-                missing.append(split)
-        if missing and self._base_url is None:
-            names = ", ".join(ZIPS[s].filename for s in missing)
-            where = manual if manual is not None else "manual_dir (none given, or empty)"
-            raise ValueError(
-                f"omniglot: {names} not found in {where}; expected the original zip files there (or download=True)"
-            )
-        urls = {s: self._base_url + ZIPS[s].filename for s in missing}
-        if urls:
-            paths.update({s: Path(p) for s, p in dl_manager.download(urls).items()})
-        for split, path in paths.items():
-            try:
-                verify_zip(path, split, urls.get(split))
-            except ValueError:
-                if split in missing:  # drop a bad download so that the next try fetches it again
-                    path.unlink(missing_ok=True)
-                    Path(f"{path}.INFO").unlink(missing_ok=True)
-                raise
-        return {split: self._generate_examples(paths[split]) for split in self.builder_config.splits}
-
-    def _generate_examples(self, path: Path) -> Iterator[tuple[str, dict]]:
-        with zipfile.ZipFile(path) as archive:
-            for name in sorted(archive.namelist()):
-                match = _PNG.match(name)
-                if match is None:
-                    continue
-                alphabet, character, label, drawer = match.groups()
-                yield f"{alphabet}/{character}/{drawer}", {
-                    "image": to_28x28(archive.read(name)),
-                    "alphabet": alphabet,
-                    "character": character,
-                    "label": int(label),
-                    "drawer": int(drawer),
-                }
 
 
 def _data_source_arrays(source) -> dict[str, np.ndarray]:

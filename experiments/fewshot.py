@@ -29,7 +29,8 @@ import numpy as np
 
 import maml
 from data import images as image_data
-from data.omniglot import IMAGE_SIZE, MINIMAL_TEST_ALPHABETS, load_omniglot, split_by_alphabet
+from data.omniglot import MINIMAL_TEST_ALPHABETS, load_omniglot, split_by_alphabet
+from data.omniglot_files import IMAGE_SIZE
 from experiments import algorithms as A
 from experiments import cli, episodic, evaluation, runtime, session, tracking
 from experiments.config import (POSITIVE, SEED, Checked, FlagError, Rule, algorithm_field, at_least, flag, one_of,

@@ -27,7 +27,8 @@ from typing import ClassVar, Optional, Sequence
 import jax
 
 import maml
-from data.omniglot import IMAGE_SIZE, IMAGES_PER_CHARACTER, MINIMAL_TEST_ALPHABETS
+from data.omniglot import IMAGES_PER_CHARACTER, MINIMAL_TEST_ALPHABETS
+from data.omniglot_files import IMAGE_SIZE
 from experiments import algorithms as A
 from experiments import cli, episodic, evaluation, fewshot, runtime, session, tracking
 from experiments.config import POSITIVE, Checked, FlagError, algorithm_field, at_least, flag, one_of, section

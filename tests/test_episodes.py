@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from data.episodes import as_images, episode_sampler, sample_episode, sample_episodes
-from data.omniglot import ZIPS, load_splits, merge_splits, split_by_alphabet
+from data.omniglot import load_splits, merge_splits, split_by_alphabet
+from data.omniglot_files import ZIPS
 from maml import Task, check_batch
 
 CHARS = 10

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from data.lake_runs import LakeRuns, load_lake_runs
-from data.omniglot import ZIPS, to_28x28
+from data.omniglot_files import ZIPS, to_28x28
 
 RUNS, WAYS = 20, 20
 

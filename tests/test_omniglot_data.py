@@ -10,15 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.omniglot import (
-    MINIMAL_TEST_ALPHABETS,
-    ZIPS,
-    OmniglotZips,
-    load_splits,
-    merge_splits,
-    split_by_alphabet,
-    to_28x28,
-)
+from data.omniglot import MINIMAL_TEST_ALPHABETS, load_splits, merge_splits, split_by_alphabet
+from data.omniglot_builder import OmniglotZips
+from data.omniglot_files import ZIPS, to_28x28
 
 
 @functools.cache

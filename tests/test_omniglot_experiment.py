@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 import maml
-from data.omniglot import ZIPS, load_omniglot
+from data.omniglot import load_omniglot
+from data.omniglot_files import ZIPS
 from experiments import algorithms, cli, config, evaluation, lake_oneshot, omniglot, runs, sinusoid
 
 REPO = Path(__file__).resolve().parents[1]

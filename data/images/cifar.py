@@ -31,7 +31,7 @@ from data.images.common import (
     grouped_split,
 )
 from data.images.files import as_text, check_not_html, fail, find_form, get_key, unpickle
-from data.omniglot import _sha256
+from data.omniglot_files import _sha256
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_TARBALL = "cifar-100-python.tar.gz"
