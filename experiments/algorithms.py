@@ -4,7 +4,7 @@ evaluation) with `build`.
 
 An experiment offers its algorithms as a registry of default values (`registry(MAML(...), Reptile(...))`),
 each holding that algorithm's paper settings for the experiment, chosen by `--algorithm NAME`; every field is
-a flag (see experiments/config.py): fields shared through a base class are plain (`--inner-steps`,
+a flag (see experiments/config_tree.py): fields shared through a base class are plain (`--inner-steps`,
 `--first-order`), an algorithm's own carry its name (`--reptile-step-size`). Schedules are defined by their
 own fields (`--reptile-anneal-iterations`, `--mamlpp-cosine-iterations`), never by the run's `--iterations`,
 so a resumed run with a larger budget keeps the schedule of the steps already taken.

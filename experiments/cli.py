@@ -1,4 +1,4 @@
-"""The command line of an experiment, from its config tree (experiments/config.py): every leaf is a flag,
+"""The command line of an experiment, from its config tree (experiments/config_tree.py): every leaf is a flag,
 bad input is one line.
 
 `parse(cls, argv, algorithms)` builds the config: flags are the leaves' flat keys (`--shots`,
@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 import maml
-from experiments import config as cfg
-from experiments import runlock
-from experiments.config import FlagError, Leaf, Registry
+from experiments import config_tree, runlock
+from experiments.config import NOT_RECORDED, FlagError
+from experiments.config_tree import Leaf, Registry
 
 C = TypeVar("C")
 
@@ -93,7 +93,7 @@ def _add_algorithms(parser: argparse.ArgumentParser, defaults: dict) -> None:
                         help=f"one of {', '.join(names)} (default: {names[0]})")
     per_key: dict[str, list[tuple[str, Leaf]]] = {}
     for name, value in defaults.items():
-        for leaf in cfg.algorithm_leaves(name, value):
+        for leaf in config_tree.algorithm_leaves(name, value):
             per_key.setdefault(leaf.key, []).append((name, leaf))
     own_groups: dict[str, Any] = {}
     for key, uses in per_key.items():
@@ -110,26 +110,26 @@ def _add_algorithms(parser: argparse.ArgumentParser, defaults: dict) -> None:
 
 def build_parser(cls: type, algorithms: Optional[Registry] = None) -> argparse.ArgumentParser:
     """The command line of `cls` (defaults shown are those of the default config)."""
-    cfg.all_leaves(cls, algorithms)  # every flag once
+    config_tree.all_leaves(cls, algorithms)  # every flag once
     parser = _Parser(description=(cls.__doc__ or "").strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     run = None
-    for f, tp in cfg.fields_of(cls):
+    for f, tp in config_tree.fields_of(cls):
         if f.metadata.get("section"):
             group = parser.add_argument_group(f"{f.name}: {_first_line(tp)}")
-            for leaf in cfg.leaves(tp, (f.name,)):
+            for leaf in config_tree.leaves(tp, (f.name,)):
                 _add(group, leaf)
         elif f.metadata.get("algorithm"):
-            _add_algorithms(parser, dict(cfg.registry_defaults(cls, algorithms)))
+            _add_algorithms(parser, dict(config_tree.registry_defaults(cls, algorithms)))
         else:
             run = run or parser.add_argument_group("run")
-            _add(run, next(leaf for leaf in cfg.leaves(cls) if leaf.name == f.name and not leaf.path))
+            _add(run, next(leaf for leaf in config_tree.leaves(cls) if leaf.name == f.name and not leaf.path))
     return parser
 
 
 def parse(config_cls: type[C], argv: Optional[Sequence[str]] = None, algorithms: Optional[Registry] = None) -> C:
     """The config from the command line (defaults where a flag is absent); `FlagError` on bad input."""
     args = build_parser(config_cls, algorithms).parse_args(argv)
-    return cfg.build(config_cls, vars(args), algorithms, "the command line")
+    return config_tree.build(config_cls, vars(args), algorithms, "the command line")
 
 
 def _folder(out: str) -> Path:
@@ -154,19 +154,19 @@ def check_saved_run(out: str, saved: dict, config: Any) -> Optional[str]:
     leaf agrees but the resumable ones. A leaf missing from `saved` (written by a version before the leaf)
     agrees when this run has the value the leaf declares for its absence (`flag(absent=...)`): the one-line
     note returned says so (None when nothing is missing). `FlagError` naming the fields otherwise."""
-    current = cfg.to_flat(config)
-    leaves = {leaf.key: leaf for leaf, _ in cfg.flat_leaves(config) if not leaf.resumable}
+    current = config_tree.to_flat(config)
+    leaves = {leaf.key: leaf for leaf, _ in config_tree.flat_leaves(config) if not leaf.resumable}
     compared = {*leaves, "experiment"} | (saved.keys() - current.keys())  # a field this version dropped differs
     differ = sorted(k for k in saved if k in compared and saved[k] != current.get(k))
     if differ:
         raise FlagError("--out", f"--out {out!r} holds a run with another config ({', '.join(differ)} differ); "
                                  "use a new --out or the same settings to resume")
     missing = [leaves[k] for k in leaves if k not in saved]
-    unknown = [leaf.flag for leaf in missing if leaf.absent is cfg.NOT_RECORDED]
+    unknown = [leaf.flag for leaf in missing if leaf.absent is NOT_RECORDED]
     if unknown:
         raise FlagError("--out", f"--out {out!r} holds a run of an older version without {', '.join(unknown)}, and no "
                                  "value is known to reproduce what it did; use a new --out")
-    changed = [leaf for leaf in missing if cfg.to_json(leaf.absent) != current[leaf.key]]
+    changed = [leaf for leaf in missing if config_tree.to_json(leaf.absent) != current[leaf.key]]
     if changed:
         raise FlagError("--out", f"--out {out!r} holds a run of an older version without "
                                  f"{', '.join(leaf.flag for leaf in changed)}, which ran as "
@@ -203,7 +203,7 @@ def run_folder(out: str, config: Any) -> Iterator[Path]:
             note = check_saved_run(out, _read_config(out, saved), config)
             if note:
                 print(note, file=sys.stderr)
-        maml.atomic_write_bytes(saved, json.dumps(cfg.to_flat(config), indent=2).encode())
+        maml.atomic_write_bytes(saved, json.dumps(config_tree.to_flat(config), indent=2).encode())
         yield path
 
 

@@ -50,7 +50,8 @@ from jax.flatten_util import ravel_pytree
 
 import maml
 from experiments import cli, evaluation, runs, spectra, tracking
-from experiments.config import POSITIVE, SEED, Checked, FlagError, at_least, flag, section, to_flat
+from experiments.config import POSITIVE, SEED, Checked, FlagError, at_least, flag, section
+from experiments.config_tree import to_flat
 
 # Defaults of the cost settings per run type (a flag given on the command line wins). probes x slq_iters: the
 # smallest whose SLQ negative mass was within 0.05 of the dense figure on every task and probe draw of the tiny

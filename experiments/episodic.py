@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 import maml
 from experiments import algorithms as A
 from experiments import evaluation, runtime, session
-from experiments.config import to_flat
+from experiments.config_tree import to_flat
 
 BATCHINGS = {"map": maml.Map(), "vmap": maml.Vmap(), "unroll": maml.Unroll()}
 BATCHING_HELP = ("how tasks are batched in the step: " + ", ".join(BATCHINGS) +

@@ -36,7 +36,8 @@ import numpy as np
 import maml
 from data.lake_runs import load_lake_runs
 from experiments import cli, runs
-from experiments.config import POSITIVE, Checked, FlagError, flag, flag_of, one_of, to_flat
+from experiments.config import POSITIVE, Checked, FlagError, flag, flag_of, one_of
+from experiments.config_tree import to_flat
 
 HEADS = ("auto", "trained", "zero")
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import maml
-from experiments.config import FlagError, from_flat
+from experiments.config import FlagError
+from experiments.config_tree import from_flat
 
 EXPERIMENTS = {"sinusoid": "experiments.sinusoid", "omniglot": "experiments.omniglot"}
 # How config.json files written before they named their experiment are told apart.

@@ -23,7 +23,8 @@ import numpy as np
 
 import maml
 from experiments import cli, runtime, tracking
-from experiments.config import flag, section, to_flat
+from experiments.config import flag, section
+from experiments.config_tree import to_flat
 
 
 @dataclasses.dataclass(frozen=True)

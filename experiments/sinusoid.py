@@ -26,7 +26,8 @@ from data.sinusoid import SinusoidTasks, sample_tasks
 from experiments import algorithms as A
 from experiments import evaluation as ev
 from experiments import cli, runtime, session, tracking
-from experiments.config import POSITIVE, SEED, Checked, algorithm_field, at_least, flag, section, to_flat
+from experiments.config import POSITIVE, SEED, Checked, algorithm_field, at_least, flag, section
+from experiments.config_tree import to_flat
 from experiments.sinusoid_plots import plot_fits
 
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from experiments import cli
-from experiments import config as config_tree
+from experiments import cli, config_tree
+from experiments.config import FlagError, flag_of
 
 BOOL_SAFE_MACROS = ("${args_no_boolean_flags}", "${args_json}", "${args_json_file}")
 
@@ -112,12 +112,12 @@ def check_parameters(config: dict, module: Any, path: str) -> None:
             if isinstance(value, (list, dict)):
                 raise ValueError(f"{path}: parameter {name!r} value {value!r}: wandb passes it as "
                                  f"--{name}={value}; write tuples as a string, e.g. '40,40'")
-            argv = ([config_tree.flag_of(field)] if value else []) if fields[field].type is bool else \
-                [f"{config_tree.flag_of(field)}={value}"]
+            argv = ([flag_of(field)] if value else []) if fields[field].type is bool else \
+                [f"{flag_of(field)}={value}"]
             try:
                 cli.parse(cls, literal + argv, algorithms)
-            except config_tree.FlagError as e:
-                if e.flag == config_tree.flag_of(field):
+            except FlagError as e:
+                if e.flag == flag_of(field):
                     raise ValueError(f"{path}: parameter {name!r} value {value!r}: {e}") from None
 
 

@@ -47,7 +47,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from experiments import cli, config, tracking
+from experiments import cli, config, config_tree, tracking
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ CONFIG = ToyConfig
 def main(argv=None):
     toy = tracking.prepare(cli.parse(ToyConfig, argv))
     with cli.run_folder(toy.out, toy) as out:
-        logger = tracking.start(toy.tracking, config.to_flat(toy), out, job="toy")
+        logger = tracking.start(toy.tracking, config_tree.to_flat(toy), out, job="toy")
         if toy.lr > 0.5:
             raise RuntimeError("toy crash")
         for step in range(1, toy.steps + 1):

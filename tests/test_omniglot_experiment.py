@@ -24,7 +24,7 @@ import pytest
 import maml
 from data.omniglot import load_omniglot
 from data.omniglot_files import ZIPS
-from experiments import algorithms, cli, config, evaluation, lake_oneshot, omniglot, runs, sinusoid
+from experiments import algorithms, cli, config_tree, evaluation, lake_oneshot, omniglot, runs, sinusoid
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -181,7 +181,7 @@ def test_shots_plus_queries_above_20_is_one_line(tmp_path, capsys):
 def test_checkpoint_of_another_experiment_is_one_line(tmp_path, capsys):
     other = tmp_path / "sinusoid_run"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps(config.to_flat(cli.parse(sinusoid.CONFIG, [], sinusoid.algorithms))))
+    (other / "config.json").write_text(json.dumps(config_tree.to_flat(cli.parse(sinusoid.CONFIG, [], sinusoid.algorithms))))
     err = one_line_error(capsys, lake_oneshot, ["--runs", str(tmp_path), "--checkpoint", str(other)])
     assert "is an experiments.sinusoid run; expected an experiments.omniglot output folder" in err
     err = one_line_error(capsys, lake_oneshot, ["--runs", str(tmp_path), "--checkpoint", str(tmp_path / "none")])
@@ -191,7 +191,7 @@ def test_checkpoint_of_another_experiment_is_one_line(tmp_path, capsys):
 def test_out_folder_of_another_experiment_is_one_line(data_args, tmp_path, capsys):
     other = tmp_path / "sinusoid_run"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps(config.to_flat(cli.parse(sinusoid.CONFIG, [], sinusoid.algorithms))))
+    (other / "config.json").write_text(json.dumps(config_tree.to_flat(cli.parse(sinusoid.CONFIG, [], sinusoid.algorithms))))
     err = one_line_error(capsys, omniglot, [*data_args, "--out", str(other)])
     assert "holds a run with another config" in err
 
@@ -286,10 +286,10 @@ def test_algorithm_flags_build_their_pieces():
         build("--algorithm", "reptile", "--first-order")
     with pytest.raises(ValueError, match="--algorithm='mamlxx'; expected one of maml, fomaml"):
         config_of("--algorithm", "mamlxx")
-    assert {"devices", "wandb", "algorithm", "first_order"} <= set(config.to_flat(config_of()))
-    assert "mamlpp_per_step_bn" in config.to_flat(config_of("--algorithm", "mamlpp"))
+    assert {"devices", "wandb", "algorithm", "first_order"} <= set(config_tree.to_flat(config_of()))
+    assert "mamlpp_per_step_bn" in config_tree.to_flat(config_of("--algorithm", "mamlpp"))
     assert set(algorithms.NAMES) == {"maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "imaml"}
-    resumable = {leaf.key for leaf, _ in config.flat_leaves(config_of()) if leaf.resumable}
+    resumable = {leaf.key for leaf, _ in config_tree.flat_leaves(config_of()) if leaf.resumable}
     for name in ("devices", "coordinator", "num_processes", "process_id", "wandb", "wandb_project", "wandb_dir"):
         assert name in resumable
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import maml
 from data.episodes import ROTATIONS, episode_sampler
-from experiments import cli, config, sinusoid
+from experiments import cli, config_tree, sinusoid
 
 FEW = settings(max_examples=int(os.environ.get("MAML_HYPOTHESIS_EXAMPLES", 40)), deadline=None,
                suppress_health_check=[HealthCheck.too_slow])
@@ -116,8 +116,8 @@ def test_episode_sampler_draws_valid_episodes_and_names_any_bad_argument(args):
 # ------------------------------------------------------------------------------------------------ config parsers
 
 CONFIG, ALGORITHMS = sinusoid.SinusoidConfig, sinusoid.algorithms
-_DEFAULTS = config.registry_defaults(CONFIG, ALGORITHMS)
-LEAVES = [leaf for leaf in [*config.leaves(CONFIG), *config.algorithm_leaves("maml", _DEFAULTS["maml"])]
+_DEFAULTS = config_tree.registry_defaults(CONFIG, ALGORITHMS)
+LEAVES = [leaf for leaf in [*config_tree.leaves(CONFIG), *config_tree.algorithm_leaves("maml", _DEFAULTS["maml"])]
           if leaf.type is not bool]  # (booleans are --flag / --no-flag, without a value)
 RULES = {leaf.key: leaf.owner.__dataclass_fields__[leaf.name].metadata.get("rule") for leaf in LEAVES}
 NUMBERS = (int, float)
@@ -130,7 +130,7 @@ raw_values = st.one_of(
 )
 
 
-def expected(leaf: config.Leaf, raw: str):
+def expected(leaf: config_tree.Leaf, raw: str):
     """`(value, ok)`: `raw` converted to the leaf's type and whether its rule holds; `(raw, False)` if it does not
     convert. Only for int / float / Optional leaves with a rule (the others: `(None, None)`, not predicted)."""
     optional = typing.get_origin(leaf.type) is typing.Union
@@ -170,7 +170,7 @@ def test_command_line_accepts_valid_values_and_names_any_invalid_one(leaf, raw):
         assert ok is not True, f"{leaf.flag} {raw!r} is valid, but: {message}"
         return
     assert ok is not False, f"{leaf.flag} {raw!r} is invalid, but parsed"
-    got = config.to_flat(parsed)[leaf.key]
+    got = config_tree.to_flat(parsed)[leaf.key]
     if ok:
         assert got == value or (isinstance(value, float) and math.isclose(got, value))
 
@@ -180,18 +180,18 @@ json_values = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(
 
 
 @FEW
-@given(st.sampled_from([leaf for leaf in config.all_leaves(CONFIG, ALGORITHMS).values() if leaf.key != "algorithm"]),
+@given(st.sampled_from([leaf for leaf in config_tree.all_leaves(CONFIG, ALGORITHMS).values() if leaf.key != "algorithm"]),
        json_values)
 def test_config_json_values_of_the_wrong_type_or_out_of_range_are_one_line(leaf, value):
     """A run's config.json, as `experiments.runs` reads it back: any value is accepted or named in one line."""
-    algorithm = next(n for n, v in _DEFAULTS.items() if leaf.key in {l.key for l in config.algorithm_leaves(n, v)}) \
+    algorithm = next(n for n, v in _DEFAULTS.items() if leaf.key in {l.key for l in config_tree.algorithm_leaves(n, v)}) \
         if leaf.owner is not CONFIG and leaf.path == ("algorithm",) else "maml"
     flat = {"algorithm": algorithm, leaf.key: value}
     try:
-        built = config.from_flat(CONFIG, flat, ALGORITHMS, where="config.json")
+        built = config_tree.from_flat(CONFIG, flat, ALGORITHMS, where="config.json")
     except ValueError as e:
         message = str(e)
         assert "\n" not in message and (leaf.key in message or leaf.flag in message), message
         assert repr(value) in message or repr(tuple(value) if isinstance(value, list) else value) in message, message
         return
-    assert config.to_flat(built)[leaf.key] == (float(value) if leaf.type is float and value is not None else value)
+    assert config_tree.to_flat(built)[leaf.key] == (float(value) if leaf.type is float and value is not None else value)

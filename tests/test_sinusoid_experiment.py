@@ -72,9 +72,9 @@ def test_resume_with_another_config_is_one_line(tmp_path):
 def test_help_lists_every_config_field_grouped():
     result = cli("--help")
     assert result.returncode == 0
-    from experiments import config
+    from experiments import config_tree
 
-    flags = config.all_leaves(sinusoid.SinusoidConfig, sinusoid.algorithms)
+    flags = config_tree.all_leaves(sinusoid.SinusoidConfig, sinusoid.algorithms)
     assert len(flags) > 40
     for leaf in flags.values():
         assert leaf.flag in result.stdout
