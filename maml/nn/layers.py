@@ -6,8 +6,9 @@
   4x instead of 9x copy of the input: fastest on CPUs from 32 input channels); `LaxConv` is
   `lax.conv_general_dilated` (what accelerators' libraries implement);
 - `max_pool_2x2`: 2x2/2 max-pool (VALID: odd sizes drop their last row/column) whose derivative routes
-  the tangent through an equality mask (a `jax.custom_jvp` linear in the tangent, so JAX transposes it
-  for reverse mode and differentiates it again for second-order MAML and forward-over-reverse HVPs);
+  the tangent through the members equal to the maximum, read from a one-byte code per window (a
+  `jax.custom_jvp` linear in the tangent, so JAX transposes it for reverse mode and differentiates it
+  again for second-order MAML and forward-over-reverse HVPs);
 - `batch_norm`: normalisation with the batch's own statistics, then a learned affine map.
 
 Everything here is built from primitives whose derivatives are themselves differentiable (no
@@ -163,14 +164,18 @@ def _windows(x: Array) -> Array:
     return x[:, : h - h % 2, : w - w % 2, :].reshape(n, h // 2, 2, w // 2, 2, c)
 
 
-def _pool_parts(x: Array) -> tuple[Array, Array, Array]:
-    """The pooled maximum `m`, the 0/1 mask `eq [N, H/2, 2, W/2, 2, C]` of the members equal to their
-    window's maximum, and each window's number of such members `count`."""
+def _members(x: Array) -> list[Array]:
+    """The four members `[N, H/2, W/2, C]` of every 2x2 window of `x` (row-major within the window)."""
     xw = _windows(x)
-    m = jnp.maximum(jnp.maximum(xw[:, :, 0, :, 0], xw[:, :, 0, :, 1]), jnp.maximum(xw[:, :, 1, :, 0], xw[:, :, 1, :, 1]))
-    eq = (xw == m[:, :, None, :, None, :]).astype(x.dtype)
-    count = eq[:, :, 0, :, 0] + eq[:, :, 0, :, 1] + eq[:, :, 1, :, 0] + eq[:, :, 1, :, 1]
-    return m, eq, count
+    return [xw[:, :, a, :, b] for a in (0, 1) for b in (0, 1)]
+
+
+def _pool_code(x: Array) -> tuple[Array, Array]:
+    """The pooled maximum `m` and each window's code `[N, H/2, W/2, C]` (uint8): bit i set where member i
+    equals the maximum."""
+    p = _members(x)
+    m = jnp.maximum(jnp.maximum(p[0], p[1]), jnp.maximum(p[2], p[3]))
+    return m, sum((q == m).astype(jnp.uint8) << i for i, q in enumerate(p))
 
 
 @jax.custom_jvp
@@ -179,24 +184,25 @@ def max_pool_2x2(x: Float[Array, "N H W C"]) -> Float[Array, "N H//2 W//2 C"]:
 
     Derivative: each window's tangent is the mean of its members' tangents over the members equal to
     the maximum (one member without ties; ties share equally, a valid subgradient). The rule is a
-    fixed 0/1-over-k mask times the tangent, so reverse mode is one elementwise product at full size
-    instead of XLA's select-and-scatter.
+    fixed 0/1-over-k weight per member times the tangent, read from a one-byte code per window (which
+    members tie for the maximum) kept at pooled size, so reverse mode is one elementwise pass at full
+    size instead of XLA's select-and-scatter, and no full-size mask is stored.
     """
     if x.ndim != 4 or x.shape[1] < 2 or x.shape[2] < 2:
         raise ValueError(f"max_pool_2x2: x has shape {tuple(x.shape)}; expected [N, H, W, C] with H, W >= 2")
-    return _pool_parts(x)[0]
+    return _pool_code(x)[0]
 
 
 @max_pool_2x2.defjvp
 def _max_pool_2x2_jvp(primals, tangents):
     (x,), (t,) = primals, tangents
-    # The mask is piecewise constant in x (no derivative); the output is this function again, so
+    # The code is piecewise constant in x (no derivative); the output is this function again, so
     # derivatives of any order of the output keep using this rule.
-    _, eq, count = jax.lax.stop_gradient(_pool_parts(x))
-    m = max_pool_2x2(x)
-    tw = _windows(t) * eq
+    code = jax.lax.stop_gradient(_pool_code(x)[1])
+    bits = [((code >> i) & 1).astype(t.dtype) for i in range(4)]
+    tp = _members(t)
     # Sum the window's members elementwise and divide at pooled size (no reduce, no full-size divide).
-    return m, (tw[:, :, 0, :, 0] + tw[:, :, 0, :, 1] + tw[:, :, 1, :, 0] + tw[:, :, 1, :, 1]) / count
+    return max_pool_2x2(x), sum(u * b for u, b in zip(tp, bits)) / sum(bits)
 
 
 def batch_norm(
