@@ -66,7 +66,8 @@ def to_28x28(png: bytes | Image.Image) -> UInt8[np.ndarray, "28 28"]:
     return 255 - np.asarray(gray, dtype=np.uint8)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: os.PathLike | str) -> str:
+    """The hex sha256 of the file at `path`, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -79,7 +80,7 @@ def verify_zip(path: os.PathLike | str, split: str, url: str | None = None) -> P
     path, info = Path(path), ZIPS[split]
     if not path.is_file():
         raise ValueError(f"omniglot: {info.filename} not found at {path}; expected the original zip file")
-    digest = _sha256(path)
+    digest = file_sha256(path)
     if digest != info.sha256:
         what = f"{info.filename} downloaded from {url} to {path}" if url else str(path)
         raise ValueError(

@@ -31,7 +31,7 @@ from data.images.common import (
     grouped_split,
 )
 from data.images.files import as_text, check_not_html, fail, find_form, get_key, unpickle
-from data.omniglot_files import _sha256
+from data.omniglot_files import file_sha256
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_TARBALL = "cifar-100-python.tar.gz"
@@ -53,7 +53,7 @@ def verify_download(dataset: str, path: Path, url: str) -> Path:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             md5.update(block)
-    sha256 = _sha256(path)
+    sha256 = file_sha256(path)
     if (md5.hexdigest(), sha256) != (CIFAR100_MD5, CIFAR100_SHA256):
         size = path.stat().st_size
         path.unlink(missing_ok=True)  # so that the next try fetches it again

@@ -185,8 +185,9 @@ def max_pool_2x2(x: Float[Array, "N H W C"]) -> Float[Array, "N H//2 W//2 C"]:
     Derivative: each window's tangent is the mean of its members' tangents over the members equal to
     the maximum (one member without ties; ties share equally, a valid subgradient). The rule is a
     fixed 0/1-over-k weight per member times the tangent, read from a one-byte code per window (which
-    members tie for the maximum) kept at pooled size, so reverse mode is one elementwise pass at full
-    size instead of XLA's select-and-scatter, and no full-size mask is stored.
+    members tie for the maximum) at pooled size, so reverse mode is one elementwise pass at full size
+    instead of XLA's select-and-scatter, and no full-size mask is stored (XLA may recompute the code
+    from the input in the backward pass instead of storing it).
     """
     if x.ndim != 4 or x.shape[1] < 2 or x.shape[2] < 2:
         raise ValueError(f"max_pool_2x2: x has shape {tuple(x.shape)}; expected [N, H, W, C] with H, W >= 2")
