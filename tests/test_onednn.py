@@ -111,6 +111,43 @@ def test_float32_block_shapes():
         assert _max_rel_err((y, *vjp(g)), (y_ref, *vjp_ref(g))) < 2e-5
 
 
+def _has_avx512() -> bool:
+    try:
+        return " avx512f" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
+@needs_extension
+def test_algorithm_by_shape():
+    """oneDNN's Winograd where it was measured faster (AVX-512 hosts: 16-channel multiples, images from 7x7 and
+    256 output pixels per item; weight gradients from 32 output channels per item), the direct convolution else."""
+    from maml.nn import _onednn
+
+    winograd = "winograd" if _has_avx512() else "direct"
+    # (n, h, w, c, f, fc): Conv4's block 2 and 3 query items, mini-ImageNet's block 2 (16-channel items).
+    assert _onednn.algorithms(38, 14, 14, 64, 64, 32) == (winograd, winograd)
+    assert _onednn.algorithms(37, 7, 7, 64, 64, 32) == (winograd, winograd)
+    assert _onednn.algorithms(38, 42, 42, 32, 32, 16) == (winograd, "direct")
+    for small in [(3, 7, 7, 64, 64, 32), (37, 5, 5, 64, 64, 32), (37, 3, 3, 64, 64, 32), (8, 14, 14, 48, 40, 40),
+                  (37, 28, 28, 1, 64, 32)]:
+        assert _onednn.algorithms(*small) == ("direct", "direct"), small
+
+
+@needs_extension
+def test_float32_winograd_shapes():
+    """Value and both gradients where oneDNN's Winograd runs (Conv4's block 2 at 75 images, block 3, 48
+    channels, mini-ImageNet's 32-channel block 3, and a non-square image) against `lax.conv`."""
+    r = np.random.RandomState(3)
+    for n, h, w, c, f in [(75, 14, 14, 64, 64), (75, 7, 7, 64, 64), (6, 12, 9, 48, 48), (4, 21, 21, 32, 32)]:
+        x = jnp.asarray(np.maximum(r.randn(n, h, w, c), 0), jnp.float32)  # post-ReLU, as in Conv4
+        k = jnp.asarray(r.randn(3, 3, c, f) / np.sqrt(9 * c), jnp.float32)
+        g = jnp.asarray(r.randn(n, h, w, f), jnp.float32)
+        y, vjp = jax.vjp(jax.jit(OneDNN()), x, k)
+        y_ref, vjp_ref = jax.vjp(LaxConv(), x, k)
+        assert _max_rel_err((y, *vjp(g)), (y_ref, *vjp_ref(g))) < 2e-5, (n, h, w, c, f)
+
+
 @needs_extension
 def test_float32_concurrent_calls():
     """Independent convolutions and weight gradients of one shape in one program, which XLA runs on several

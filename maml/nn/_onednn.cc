@@ -7,7 +7,9 @@
 // G independent groups (a vmapped batch of tasks, each with its own weights), split over threads (below).
 // The convolution's data gradient is the convolution itself with the kernel flipped and transposed, so
 // these two are all a bilinear convolution needs (maml/nn/onednn.py holds the rules). Weights are
-// reordered between HWIO and oneDNN's blocked layout inside each call.
+// reordered between HWIO and oneDNN's blocked layout inside each call. Each piece of work runs oneDNN's
+// Winograd F(4x4, 3x3) on its blocked layout where that was measured faster (`WinogradPays`), else the
+// direct convolution on NHWC.
 //
 // XLA runs these handlers on any of its threads, several at once. oneDNN's default (library) scratchpad
 // is shared per creating thread and must not migrate between threads, so every primitive here takes a
@@ -29,13 +31,13 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
-#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -52,50 +54,155 @@ dnnl::engine& Engine() {
   return engine;
 }
 
-// Primitives for one shape (N, H, W, C, F), built once and shared (each execution brings its own scratchpad).
-struct Plan {
-  memory::desc x_md, y_md, hwio_md;
-  dnnl::convolution_forward::primitive_desc fwd_pd;
-  dnnl::convolution_forward fwd;
-  dnnl::reorder::primitive_desc w_to_blocked_pd;
-  dnnl::reorder w_to_blocked;
-  dnnl::convolution_backward_weights::primitive_desc bwd_pd;
-  dnnl::convolution_backward_weights bwd;
-  dnnl::reorder::primitive_desc dw_to_hwio_pd;
-  dnnl::reorder dw_to_hwio;
-};
+// Buffers of the calling thread, one per slot, kept and grown across calls: the blocked copies and scratchpads
+// (tens of MB for Winograd's transformed tiles) would otherwise page-fault in anew on every call. An item runs
+// on one thread from start to end, and no two memories of one item share a slot.
+enum Slot { kWeights, kSrc, kDst, kScratch, kReorderScratch, kSlots };
 
-using Shape = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>;
+memory Local(const memory::desc& d, Slot slot) {
+  struct Buffer {
+    void* data = nullptr;
+    size_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffers[kSlots];
+  Buffer& b = buffers[slot];
+  const size_t size = std::max<size_t>(64, (d.get_size() + 63) / 64 * 64);
+  if (b.size < size) {
+    std::free(b.data);
+    b.data = std::aligned_alloc(64, size);
+    if (!b.data) throw std::bad_alloc();
+    b.size = size;
+  }
+  return memory(d, Engine(), b.data);
+}
 
-const Plan& GetPlan(const Shape& s) {
-  static std::mutex mu;
-  static std::map<Shape, std::unique_ptr<Plan>> plans;
-  std::lock_guard<std::mutex> lock(mu);
-  auto& slot = plans[s];
-  if (slot) return *slot;
-  auto [n, h, w, c, f] = s;
-  auto& eng = Engine();
-  auto p = std::make_unique<Plan>();
-  p->x_md = memory::desc({n, c, h, w}, dt::f32, tag::nhwc);
-  p->y_md = memory::desc({n, f, h, w}, dt::f32, tag::nhwc);
-  p->hwio_md = memory::desc({f, c, 3, 3}, dt::f32, tag::hwio);
-  memory::desc w_any({f, c, 3, 3}, dt::f32, tag::any);
-  memory::dims stride{1, 1}, pad{1, 1};
+dnnl::primitive_attr UserScratchpad() {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  dnnl::convolution_forward::desc fd(dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-                                     p->x_md, w_any, p->y_md, stride, pad, pad);
-  p->fwd_pd = dnnl::convolution_forward::primitive_desc(fd, attr, eng);
-  p->fwd = dnnl::convolution_forward(p->fwd_pd);
-  p->w_to_blocked_pd = dnnl::reorder::primitive_desc(eng, p->hwio_md, eng, p->fwd_pd.weights_desc(), attr);
-  p->w_to_blocked = dnnl::reorder(p->w_to_blocked_pd);
-  dnnl::convolution_backward_weights::desc bd(dnnl::algorithm::convolution_direct, p->x_md, w_any, p->y_md,
-                                              stride, pad, pad);
-  p->bwd_pd = dnnl::convolution_backward_weights::primitive_desc(bd, attr, eng, p->fwd_pd);
-  p->bwd = dnnl::convolution_backward_weights(p->bwd_pd);
-  p->dw_to_hwio_pd = dnnl::reorder::primitive_desc(eng, p->bwd_pd.diff_weights_desc(), eng, p->hwio_md, attr);
-  p->dw_to_hwio = dnnl::reorder(p->dw_to_hwio_pd);
-  slot = std::move(p);
+  return attr;
+}
+
+struct Reorder {
+  dnnl::reorder::primitive_desc pd;
+  dnnl::reorder prim;
+
+  Reorder() = default;
+  Reorder(const memory::desc& from, const memory::desc& to)
+      : pd(Engine(), from, Engine(), to, UserScratchpad()), prim(pd) {}
+  void operator()(dnnl::stream& stream, memory& from, memory& to) const {
+    memory scratch = Local(pd.scratchpad_desc(), kReorderScratch);
+    prim.execute(stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}, {DNNL_ARG_SCRATCHPAD, scratch}});
+  }
+};
+
+// Which algorithm an item runs: oneDNN's Winograd F(4x4, 3x3) (implemented for AVX-512; taken here for 16-channel
+// multiples) on its blocked layout, the activations reordered in and out, where it was measured faster than the
+// direct convolution on NHWC (benchmarks/RESULTS.md, section 1; 2-core AMD EPYC with AVX-512, a call's two items
+// at once): images of at least 7x7 and at least 256 output pixels per item (Omniglot Conv4's block 2, 75 images of
+// 14x14x64: 3.1 against 5.0 ms; 5x5 and 3x3 images, or 5 images of 7x7, were slower); its weight gradient likewise,
+// for items of at least 32 output channels (16-channel items of 42x42x32 were slower: 20 against 15 ms). Elsewhere,
+// and where oneDNN has no Winograd for the CPU, the direct convolution.
+constexpr int64_t kWinogradMinSize = 7, kWinogradMinPixels = 256, kWinogradMinWgradChannels = 32;
+
+bool WinogradPays(int64_t n, int64_t h, int64_t w, int64_t c, int64_t f) {
+  return std::min(h, w) >= kWinogradMinSize && n * h * w >= kWinogradMinPixels && c % 16 == 0 && f % 16 == 0;
+}
+
+using Shape = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>;
+using WgradShape = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+
+// The forward primitive for (n, h, w, c, f) with activations in layout `act` (tag::any: oneDNN's blocked choice).
+dnnl::convolution_forward::primitive_desc Forward(dnnl::algorithm algorithm, int64_t n, int64_t h, int64_t w,
+                                                  int64_t c, int64_t f, tag act) {
+  memory::dims stride{1, 1}, pad{1, 1};
+  dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_training, algorithm,
+                                    memory::desc({n, c, h, w}, dt::f32, act),
+                                    memory::desc({f, c, 3, 3}, dt::f32, tag::any),
+                                    memory::desc({n, f, h, w}, dt::f32, act), stride, pad, pad);
+  return dnnl::convolution_forward::primitive_desc(d, UserScratchpad(), Engine());
+}
+
+// y = conv(x, w) for one item: x [n, h, w, c], w [3, 3, c, f] (HWIO), y [n, h, w, f].
+struct ConvPlan {
+  bool blocked = false;  // Winograd on oneDNN's blocked activations (else direct on NHWC)
+  memory::desc x_md, y_md, w_md;
+  dnnl::convolution_forward::primitive_desc pd;
+  dnnl::convolution_forward prim;
+  Reorder w_in, x_in, y_out;  // x_in and y_out only where blocked
+};
+
+std::unique_ptr<ConvPlan> MakeConvPlan(const Shape& s) {
+  auto [n, h, w, c, f] = s;
+  auto p = std::make_unique<ConvPlan>();
+  p->x_md = memory::desc({n, c, h, w}, dt::f32, tag::nhwc);
+  p->y_md = memory::desc({n, f, h, w}, dt::f32, tag::nhwc);
+  p->w_md = memory::desc({f, c, 3, 3}, dt::f32, tag::hwio);
+  if (WinogradPays(n, h, w, c, f)) {
+    try {
+      p->pd = Forward(dnnl::algorithm::convolution_winograd, n, h, w, c, f, tag::any);
+      p->blocked = true;
+    } catch (const dnnl::error&) {  // not implemented for this CPU or these channels
+    }
+  }
+  if (!p->blocked) p->pd = Forward(dnnl::algorithm::convolution_direct, n, h, w, c, f, tag::nhwc);
+  p->prim = dnnl::convolution_forward(p->pd);
+  p->w_in = Reorder(p->w_md, p->pd.weights_desc());
+  if (p->blocked) {
+    p->x_in = Reorder(p->x_md, p->pd.src_desc());
+    p->y_out = Reorder(p->pd.dst_desc(), p->y_md);
+  }
+  return p;
+}
+
+// The weight gradient's output channels [lo, lo + fc) of f for one item: x [n, h, w, c], g [n, h, w, f] read as
+// its fc channels (a strided view), written into those columns of dw [3, 3, c, f] (a strided view of HWIO).
+struct WgradPlan {
+  bool blocked = false;  // Winograd on oneDNN's blocked activations (else direct on NHWC)
+  bool dense_g = true;   // g is passed as it is (direct, all channels); else reordered in (blocked, or dense)
+  memory::desc x_md, g_md, dw_md;
+  dnnl::convolution_backward_weights::primitive_desc pd;
+  dnnl::convolution_backward_weights prim;
+  Reorder x_in, g_in, dw_out;  // x_in only where blocked, g_in unless dense_g
+};
+
+std::unique_ptr<WgradPlan> MakeWgradPlan(const WgradShape& s) {
+  auto [n, h, w, c, fc, f] = s;
+  auto p = std::make_unique<WgradPlan>();
+  p->x_md = memory::desc({n, c, h, w}, dt::f32, tag::nhwc);
+  p->g_md = memory::desc({n, fc, h, w}, dt::f32, memory::dims{h * w * f, 1, w * f, f});
+  p->dw_md = memory::desc({fc, c, 3, 3}, dt::f32, memory::dims{1, f, 3 * c * f, c * f});
+  memory::dims stride{1, 1}, pad{1, 1};
+  auto backward = [&](dnnl::algorithm algorithm, tag act) {
+    memory::desc x({n, c, h, w}, dt::f32, act), g({n, fc, h, w}, dt::f32, act), wa({fc, c, 3, 3}, dt::f32, tag::any);
+    dnnl::convolution_backward_weights::desc d(algorithm, x, wa, g, stride, pad, pad);
+    return dnnl::convolution_backward_weights::primitive_desc(d, UserScratchpad(), Engine(),
+                                                              Forward(algorithm, n, h, w, c, fc, act));
+  };
+  if (fc >= kWinogradMinWgradChannels && WinogradPays(n, h, w, c, fc)) {
+    try {
+      p->pd = backward(dnnl::algorithm::convolution_winograd, tag::any);
+      p->blocked = true;
+    } catch (const dnnl::error&) {
+    }
+  }
+  if (!p->blocked) p->pd = backward(dnnl::algorithm::convolution_direct, tag::nhwc);
+  p->dense_g = !p->blocked && fc == f;
+  p->prim = dnnl::convolution_backward_weights(p->pd);
+  if (p->blocked) p->x_in = Reorder(p->x_md, p->pd.src_desc());
+  if (!p->dense_g) p->g_in = Reorder(p->g_md, p->pd.diff_dst_desc());
+  p->dw_out = Reorder(p->pd.diff_weights_desc(), p->dw_md);
+  return p;
+}
+
+// Plans by shape, built once and shared (each execution brings its own buffers).
+template <typename Key, typename Plan>
+const Plan& Cached(const Key& key, std::unique_ptr<Plan> (*make)(const Key&)) {
+  static std::mutex mu;
+  static std::map<Key, std::unique_ptr<Plan>> plans;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& slot = plans[key];
+  if (!slot) slot = make(key);
   return *slot;
 }
 
@@ -182,17 +289,18 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
     const int64_t k = i / split.per_group, j = i % split.per_group;
     const int64_t lo = split.Lo(n, j), hi = split.Lo(n, j + 1);
     if (lo == hi) return;
-    const Plan& p = GetPlan({hi - lo, h, wi, c, f});
-    auto& eng = Engine();
-    dnnl::stream stream(eng);
-    memory blocked(p.fwd_pd.weights_desc(), eng);
-    memory scratch(p.fwd_pd.scratchpad_desc(), eng), scratch_r(p.w_to_blocked_pd.scratchpad_desc(), eng);
-    memory wm(p.hwio_md, eng, const_cast<float*>(ws + k * 9 * c * f));
-    p.w_to_blocked.execute(stream, {{DNNL_ARG_FROM, wm}, {DNNL_ARG_TO, blocked}, {DNNL_ARG_SCRATCHPAD, scratch_r}});
-    memory xm(p.x_md, eng, const_cast<float*>(xs + (k * n + lo) * h * wi * c));
-    memory ym(p.y_md, eng, ys + (k * n + lo) * h * wi * f);
-    p.fwd.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, blocked}, {DNNL_ARG_DST, ym},
-                           {DNNL_ARG_SCRATCHPAD, scratch}});
+    const ConvPlan& p = Cached<Shape, ConvPlan>({hi - lo, h, wi, c, f}, MakeConvPlan);
+    dnnl::stream stream(Engine());
+    memory wm(p.w_md, Engine(), const_cast<float*>(ws + k * 9 * c * f)), wb = Local(p.pd.weights_desc(), kWeights);
+    memory xm(p.x_md, Engine(), const_cast<float*>(xs + (k * n + lo) * h * wi * c));
+    memory ym(p.y_md, Engine(), ys + (k * n + lo) * h * wi * f);
+    memory xb = p.blocked ? Local(p.pd.src_desc(), kSrc) : xm, yb = p.blocked ? Local(p.pd.dst_desc(), kDst) : ym;
+    memory scratch = Local(p.pd.scratchpad_desc(), kScratch);
+    p.w_in(stream, wm, wb);
+    if (p.blocked) p.x_in(stream, xm, xb);
+    p.prim.execute(stream,
+                   {{DNNL_ARG_SRC, xb}, {DNNL_ARG_WEIGHTS, wb}, {DNNL_ARG_DST, yb}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    if (p.blocked) p.y_out(stream, yb, ym);
     stream.wait();
   };
   std::string err = RunItems(pool, split.Count(g), item);
@@ -203,7 +311,8 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
 // The weight gradient reduces over the N images: a split over them would sum partial gradients that cancel
 // (batch norm makes each channel's total gradient small against its images' parts; in float32 that made the
 // 20-way meta-gradient 10x less accurate). So it splits over output channels F instead, in multiples of 16
-// (oneDNN's AVX-512 block): each item copies its channels of g into a dense buffer and its gradient back.
+// (oneDNN's AVX-512 block): each item reads its channels of g through a strided view, reordered into its
+// primitive's layout, and writes its columns of dw through another.
 constexpr int64_t kChannelBlock = 16;
 
 ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy,
@@ -222,33 +331,26 @@ ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     const int64_t blocks = std::max<int64_t>(1, f / kChannelBlock);
     const int64_t lo = j == 0 ? 0 : split.Lo(blocks, j) * kChannelBlock;
     const int64_t hi = j + 1 == split.per_group ? f : split.Lo(blocks, j + 1) * kChannelBlock;
-    const int64_t fc = hi - lo;
     float* dst = out + k * size;
     if (pixels == 0) {  // no images: a zero gradient
       for (int64_t r = 0; r < 9 * c; ++r) std::fill(dst + r * f + lo, dst + r * f + hi, 0.0f);
       return;
     }
-    const Plan& p = GetPlan({n, h, wi, c, fc});
-    const float* gk = gs + k * pixels * f;
-    std::vector<float> dense_g, dense_dw;
-    if (fc != f) {  // this item's channels of g, dense
-      dense_g.resize(pixels * fc);
-      for (int64_t r = 0; r < pixels; ++r) std::copy(gk + r * f + lo, gk + r * f + hi, dense_g.data() + r * fc);
-      dense_dw.resize(9 * c * fc);
-    }
-    auto& eng = Engine();
-    dnnl::stream stream(eng);
-    memory blocked(p.bwd_pd.diff_weights_desc(), eng);
-    memory scratch(p.bwd_pd.scratchpad_desc(), eng), scratch_r(p.dw_to_hwio_pd.scratchpad_desc(), eng);
-    memory xm(p.x_md, eng, const_cast<float*>(xs + k * pixels * c));
-    memory gm(p.y_md, eng, fc == f ? const_cast<float*>(gk) : dense_g.data());
-    p.bwd.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, gm}, {DNNL_ARG_DIFF_WEIGHTS, blocked},
-                           {DNNL_ARG_SCRATCHPAD, scratch}});
-    memory om(p.hwio_md, eng, fc == f ? dst : dense_dw.data());
-    p.dw_to_hwio.execute(stream, {{DNNL_ARG_FROM, blocked}, {DNNL_ARG_TO, om}, {DNNL_ARG_SCRATCHPAD, scratch_r}});
+    const WgradPlan& p = Cached<WgradShape, WgradPlan>({n, h, wi, c, hi - lo, f}, MakeWgradPlan);
+    dnnl::stream stream(Engine());
+    memory xm(p.x_md, Engine(), const_cast<float*>(xs + k * pixels * c));
+    memory gm(p.g_md, Engine(), const_cast<float*>(gs + k * pixels * f + lo));
+    memory dwm(p.dw_md, Engine(), dst + lo);
+    memory xb = p.blocked ? Local(p.pd.src_desc(), kSrc) : xm;
+    memory gb = p.dense_g ? memory(p.pd.diff_dst_desc(), Engine(), gm.get_data_handle())
+                          : Local(p.pd.diff_dst_desc(), kDst);
+    memory dwb = Local(p.pd.diff_weights_desc(), kWeights), scratch = Local(p.pd.scratchpad_desc(), kScratch);
+    if (p.blocked) p.x_in(stream, xm, xb);
+    if (!p.dense_g) p.g_in(stream, gm, gb);
+    p.prim.execute(stream, {{DNNL_ARG_SRC, xb}, {DNNL_ARG_DIFF_DST, gb}, {DNNL_ARG_DIFF_WEIGHTS, dwb},
+                            {DNNL_ARG_SCRATCHPAD, scratch}});
+    p.dw_out(stream, dwb, dwm);
     stream.wait();
-    if (fc != f)
-      for (int64_t r = 0; r < 9 * c; ++r) std::copy(dense_dw.data() + r * fc, dense_dw.data() + (r + 1) * fc, dst + r * f + lo);
   };
   std::string err = RunItems(pool, split.Count(g), item);
   if (!err.empty()) return ffi::Error(ffi::ErrorCode::kInternal, "oneDNN weight gradient: " + err);
@@ -280,8 +382,25 @@ static PyObject* Handlers(PyObject*, PyObject*) {
   return d;
 }
 
+// `algorithms(n, h, w, c, f, fc)`: ("winograd" or "direct") for one convolution item of n images and for one
+// weight-gradient item of fc of the f output channels, as the handlers choose them on this CPU (for tests).
+static PyObject* Algorithms(PyObject*, PyObject* args) {
+  long long n, h, w, c, f, fc;
+  if (!PyArg_ParseTuple(args, "LLLLLL", &n, &h, &w, &c, &f, &fc)) return nullptr;
+  try {
+    SingleThreaded single;
+    const bool conv = Cached<Shape, ConvPlan>({n, h, w, c, f}, MakeConvPlan).blocked;
+    const bool wgrad = Cached<WgradShape, WgradPlan>({n, h, w, c, fc, f}, MakeWgradPlan).blocked;
+    return Py_BuildValue("(ss)", conv ? "winograd" : "direct", wgrad ? "winograd" : "direct");
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
 static PyMethodDef kMethods[] = {
     {"handlers", Handlers, METH_NOARGS, "The XLA FFI handlers: {target name: PyCapsule}."},
+    {"algorithms", Algorithms, METH_VARARGS, "(conv, weight gradient) algorithm for an item's shape."},
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_onednn", "oneDNN 3x3 convolutions as XLA FFI handlers.",
