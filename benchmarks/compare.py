@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -215,8 +216,13 @@ def print_table(results, peak, peak_cpu):
         if "xla_peak_mb" in r:
             extra += f"; memory: XLA {r['xla_peak_mb']:.0f} MB, a step's RSS growth {r['rss_growth_mb']:.0f} MB"
         print(f"{r['workload']:22s} {r['impl']:15s} {r['sec_per_iter']:9.4f} {r['tasks_per_s']:9.1f} "
-              f"{r['peak_mem_mb']:9.0f} {r['ratio_to_fastest_peer']:14.2f}x {r['cpu_s_per_iter']:10.4f} "
-              f"{r['cpu_ratio_to_fastest_peer']:8.2f}x{extra}")
+              f"{r['peak_mem_mb']:9.0f} {_ratio(r['ratio_to_fastest_peer']):>15s} {r['cpu_s_per_iter']:10.4f} "
+              f"{_ratio(r['cpu_ratio_to_fastest_peer']):>9s}{extra}")
+
+
+def _ratio(x: float) -> str:
+    """`1.23x`, or `no peer` where no peer ran (the ratio is NaN)."""
+    return "no peer" if math.isnan(x) else f"{x:.2f}x"
 
 
 def main(argv=None):

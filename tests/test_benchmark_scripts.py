@@ -92,6 +92,13 @@ def test_compare_times_each_implementation_at_its_fastest_pause(capsys):
         assert "note" in rows[name] or rows[name]["tasks_per_s"] > 0, rows[name]
 
 
+def test_compare_table_without_peers_says_so(capsys):
+    """Ours alone (e.g. against its earlier convolution forms): the ratio columns say there is no peer."""
+    compare.main(["--workloads", "sinusoid", "--impls", "ours", "--repeats", "1", "--settle", "0"])
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sinusoid ")]
+    assert row.count("no peer") == 2 and "nan" not in row, row
+
+
 def _untuned_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     return {**env, "PYTHONPATH": os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])}
