@@ -145,9 +145,11 @@ mlir.register_lowering(wgrad_p, mlir.lower_fun(_wgrad_ref, multiple_results=Fals
 
 
 class OneDNN(AbstractConv3x3):
-    """oneDNN's direct convolution on the CPU for float32 (NHWC, weights reordered to its blocked layout
-    inside each call); `fallback`'s JAX code for other dtypes and platforms or without the extension.
-    Its derivatives are this convolution again and its weight gradient (see the module docstring)."""
+    """oneDNN's convolution on the CPU for float32: its Winograd F(4x4, 3x3) on its blocked layout where that
+    was measured faster (AVX-512 CPUs, 16-channel multiples, images from 7x7; see `_onednn.cc`), else its direct
+    convolution on NHWC (weights reordered to its blocked layout inside each call); `fallback`'s JAX code for
+    other dtypes and platforms or without the extension. Its derivatives are this convolution again and its
+    weight gradient (see the module docstring)."""
 
     fallback: AbstractConv3x3 = Winograd()
 
