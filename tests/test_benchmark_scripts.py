@@ -85,7 +85,9 @@ def test_compare_times_each_implementation_at_its_fastest_pause(capsys):
     assert ours["tasks_per_s_by_settle"][str(ours["settle_s"])] == ours["tasks_per_s"]
     assert ours["cpu_s_in_pause_after"]["0.01"] >= 0 and ours["gflop_per_iter"] > 0
     assert 0 <= ours["steal_fraction"] <= 1 or (math.isnan(ours["steal_fraction"]) and compare.cpu_times() == (0, 0))
-    # ours' memory: the larger of XLA's count and a compiled step's resident-set growth (oneDNN's buffers)
+    # ours' memory: the larger of XLA's count plus oneDNN's buffers (none for an MLP) and a compiled step's
+    # resident-set growth
+    assert ours["onednn_buffers_mb"] == 0
     assert ours["peak_mem_mb"] == max(ours["xla_peak_mb"], ours["rss_growth_mb"]) and ours["xla_peak_mb"] > 0
     assert ours["minor_faults_per_iter"] >= 0 and ours["malloc_tuned"] == machine.malloc_tuned()
     for name in peers.PEERS:

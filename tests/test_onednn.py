@@ -149,6 +149,20 @@ def test_float32_winograd_shapes():
 
 
 @needs_extension
+def test_buffers_are_freed_and_counted():
+    """Each piece of work frees its blocked copies and scratchpads when it ends; their high-water mark is counted
+    (Winograd's pieces at block 2's shapes hold several MB) and starts again from zero after a reset."""
+    x, w = jnp.ones((8, 14, 14, 64)), jnp.ones((3, 3, 64, 64)) / 576
+    f = jax.jit(jax.grad(lambda x, w: jnp.sum(OneDNN()(x, w) ** 2), argnums=(0, 1)))
+    jax.block_until_ready(f(x, w))
+    onednn.buffer_bytes(reset=True)
+    assert onednn.buffer_bytes() == (0, 0)
+    jax.block_until_ready(f(x, w))
+    now, peak = onednn.buffer_bytes()
+    assert now == 0 and peak > 2**20, (now, peak)
+
+
+@needs_extension
 def test_float32_concurrent_calls():
     """Independent convolutions and weight gradients of one shape in one program, which XLA runs on several
     threads at once: each call must bring its own scratchpad (oneDNN's shared one gave errors of order 1)."""
