@@ -20,7 +20,7 @@ WIDE_MIN_CHANNELS = 32
 def default_convs(filters: int) -> tuple[AbstractConv3x3, ...]:
     """Conv4's convolutions for `filters` channels, the fastest measured on CPUs: `Im2Col` for the first block
     (1 or 3 input channels); after it, from 32 filters, `OneDNN()` where its extension is installed (1.3-1.5x
-    the Winograd step on an AVX-512 CPU, 22-29% less peak memory) and else `Winograd` F(2x2, 3x3)
+    the Winograd step on an AVX-512 CPU, at 9% more to 15% less peak memory) and else `Winograd` F(2x2, 3x3)
     (1.2-1.4x the im2col step at the MAML paper's 32 and 64); `Im2Col` below 32 filters (where oneDNN's and
     Winograd's steps run slower or barely faster, and Winograd's programs take twice as long to compile)."""
     if filters < WIDE_MIN_CHANNELS:
