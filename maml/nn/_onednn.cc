@@ -38,6 +38,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -132,6 +133,20 @@ dnnl::convolution_forward::primitive_desc Forward(dnnl::algorithm algorithm, int
   return dnnl::convolution_forward::primitive_desc(d, UserScratchpad(), Engine());
 }
 
+// `make(algorithm, layout)`'s primitive for Winograd on oneDNN's blocked layout where `pays` and oneDNN implements it
+// for this CPU and these channels (second: true), else for the direct convolution on NHWC (false).
+template <typename Make>
+auto WinogradOrDirect(bool pays, Make make)
+    -> std::pair<decltype(make(dnnl::algorithm::convolution_direct, tag::nhwc)), bool> {
+  if (pays) {
+    try {
+      return {make(dnnl::algorithm::convolution_winograd, tag::any), true};
+    } catch (const dnnl::error&) {  // not implemented here
+    }
+  }
+  return {make(dnnl::algorithm::convolution_direct, tag::nhwc), false};
+}
+
 // y = conv(x, w) for one item: x [n, h, w, c], w [3, 3, c, f] (HWIO), y [n, h, w, f].
 struct ConvPlan {
   bool blocked = false;  // Winograd on oneDNN's blocked activations (else direct on NHWC)
@@ -147,14 +162,8 @@ std::unique_ptr<ConvPlan> MakeConvPlan(const Shape& s) {
   p->x_md = memory::desc({n, c, h, w}, dt::f32, tag::nhwc);
   p->y_md = memory::desc({n, f, h, w}, dt::f32, tag::nhwc);
   p->w_md = memory::desc({f, c, 3, 3}, dt::f32, tag::hwio);
-  if (WinogradPays(n, h, w, c, f)) {
-    try {
-      p->pd = Forward(dnnl::algorithm::convolution_winograd, n, h, w, c, f, tag::any);
-      p->blocked = true;
-    } catch (const dnnl::error&) {  // not implemented for this CPU or these channels
-    }
-  }
-  if (!p->blocked) p->pd = Forward(dnnl::algorithm::convolution_direct, n, h, w, c, f, tag::nhwc);
+  std::tie(p->pd, p->blocked) = WinogradOrDirect(
+      WinogradPays(n, h, w, c, f), [&](dnnl::algorithm a, tag act) { return Forward(a, n, h, w, c, f, act); });
   p->prim = dnnl::convolution_forward(p->pd);
   p->w_in = Reorder(p->w_md, p->pd.weights_desc());
   if (p->blocked) {
@@ -188,14 +197,8 @@ std::unique_ptr<WgradPlan> MakeWgradPlan(const WgradShape& s) {
     return dnnl::convolution_backward_weights::primitive_desc(d, UserScratchpad(), Engine(),
                                                               Forward(algorithm, n, h, w, c, fc, act));
   };
-  if (fc >= kWinogradMinWgradChannels && WinogradPays(n, h, w, c, fc)) {
-    try {
-      p->pd = backward(dnnl::algorithm::convolution_winograd, tag::any);
-      p->blocked = true;
-    } catch (const dnnl::error&) {
-    }
-  }
-  if (!p->blocked) p->pd = backward(dnnl::algorithm::convolution_direct, tag::nhwc);
+  const bool pays = fc >= kWinogradMinWgradChannels && WinogradPays(n, h, w, c, fc);
+  std::tie(p->pd, p->blocked) = WinogradOrDirect(pays, backward);
   p->dense_g = !p->blocked && fc == f;
   p->prim = dnnl::convolution_backward_weights(p->pd);
   if (p->blocked) p->x_in = Reorder(p->x_md, p->pd.src_desc());
